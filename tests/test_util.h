@@ -1,0 +1,36 @@
+// Helpers shared by the test suites.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <vector>
+
+#include "core/tensor.h"
+
+namespace flashmoe::test {
+
+// GPU suites call this first: without a device the test is skipped, visibly.
+#define FLASHMOE_REQUIRE_GPU()                                              \
+  do {                                                                      \
+    if (!::flashmoe::cuda_available()) GTEST_SKIP() << "no CUDA device: GPU test skipped"; \
+  } while (0)
+
+// ||a - b|| / ||b|| in fp64; infinite when either holds a NaN or b is zero while a is not.
+inline double relative_error(const std::vector<double>& a, const std::vector<double>& b) {
+  EXPECT_EQ(a.size(), b.size());
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i) {
+    if (std::isnan(a[i]) || std::isnan(b[i])) return INFINITY;
+    num += (a[i] - b[i]) * (a[i] - b[i]);
+    den += b[i] * b[i];
+  }
+  if (den == 0) return num == 0 ? 0 : INFINITY;
+  return std::sqrt(num / den);
+}
+
+inline double relative_error(const Tensor& a, const Tensor& b) {
+  return relative_error(a.to_doubles(), b.to_doubles());
+}
+
+}  // namespace flashmoe::test
