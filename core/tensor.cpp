@@ -228,6 +228,11 @@ template std::vector<bf16> Tensor::to_vector() const;
 template std::vector<int32_t> Tensor::to_vector() const;
 template std::vector<int64_t> Tensor::to_vector() const;
 
+void ensure(Tensor& t, const Shape& shape, DType dtype, Device device) {
+  if (t.defined() && t.shape() == shape && t.dtype() == dtype && t.device() == device) return;
+  t = Tensor::empty(shape, dtype, device);
+}
+
 void expect_shape(const Tensor& t, const Shape& shape, const char* name) {
   FLASHMOE_CHECK(t.defined(), name << " is undefined, expected shape " << shape_string(shape));
   FLASHMOE_CHECK(t.shape() == shape, name << " has shape " << shape_string(t.shape())

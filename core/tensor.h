@@ -94,6 +94,10 @@ class Tensor {
   Device device_ = Device::cpu;
 };
 
+// Makes `t` a tensor of this shape, dtype and device, allocating only when it is not
+// one already: workspaces and outputs allocated once are reused call after call.
+void ensure(Tensor& t, const Shape& shape, DType dtype, Device device);
+
 // Argument checks shared by every op: the error names the argument and what was expected.
 void expect_shape(const Tensor& t, const Shape& shape, const char* name);
 void expect_dtype(const Tensor& t, DType dtype, const char* name);

@@ -1,0 +1,80 @@
+#include "kernels/experts.h"
+
+#include <algorithm>
+
+#include "kernels/backends.h"
+
+namespace flashmoe {
+
+namespace {
+void check_inputs(const ExpertInputs& in) {
+  FLASHMOE_CHECK(in.x.defined() && in.x.rank() == 2,
+                 "x has shape " << shape_string(in.x.shape()) << ", expected [T, D]");
+  FLASHMOE_CHECK(in.down_embed.defined() && in.down_embed.rank() == 2,
+                 "down_embed has shape " << shape_string(in.down_embed.shape())
+                                         << ", expected [E, D]");
+  FLASHMOE_CHECK(in.ids.defined() && in.ids.rank() == 2,
+                 "expert ids have shape " << shape_string(in.ids.shape()) << ", expected [T, S]");
+  const int64_t T = in.x.size(0), D = in.x.size(1), E = in.down_embed.size(0);
+  const int64_t S = in.ids.size(1);
+  FLASHMOE_CHECK(D >= 1 && E >= 1, "x is " << shape_string(in.x.shape()) << " and down_embed is "
+                                           << shape_string(in.down_embed.shape())
+                                           << ", expected D >= 1 and E >= 1");
+  expect_shape(in.down_embed, {E, D}, "down_embed");
+  expect_shape(in.up_embed, {E, D}, "up_embed");
+  expect_shape(in.ids, {T, S}, "expert ids");
+  expect_shape(in.gates, {T, S}, "gates");
+  expect_float(in.x, "x");
+  expect_dtype(in.down_embed, in.x.dtype(), "down_embed");
+  expect_dtype(in.up_embed, in.x.dtype(), "up_embed");
+  expect_dtype(in.ids, DType::i32, "expert ids");
+  expect_dtype(in.gates, DType::f32, "gates");
+  const Device device = in.x.device();
+  expect_device(in.down_embed, device, "down_embed");
+  expect_device(in.up_embed, device, "up_embed");
+  expect_device(in.ids, device, "expert ids");
+  expect_device(in.gates, device, "gates");
+}
+}  // namespace
+
+void experts_forward(const ExpertInputs& in, Tensor& y, Tensor& h) {
+  check_inputs(in);
+  ensure(y, in.x.shape(), in.x.dtype(), in.x.device());
+  ensure(h, in.ids.shape(), DType::f32, in.x.device());
+  if (in.x.device() == Device::cpu) {
+    detail::experts_forward_cpu(in, y, h);
+  } else {
+    detail::experts_forward_cuda(in, y, h);
+  }
+}
+
+void experts_backward(const ExpertInputs& in, const Tensor& h, const Tensor& dy, GradLayout layout,
+                      ExpertGrads& grads) {
+  check_inputs(in);
+  const Device device = in.x.device();
+  expect_shape(h, in.ids.shape(), "h");
+  expect_dtype(h, DType::f32, "h");
+  expect_device(h, device, "h");
+  expect_shape(dy, in.x.shape(), "dy");
+  expect_dtype(dy, in.x.dtype(), "dy");
+  expect_device(dy, device, "dy");
+  const int64_t E = in.down_embed.size(0), D = in.x.size(1);
+  ensure(grads.dx, in.x.shape(), in.x.dtype(), device);
+  ensure(grads.dgates, in.ids.shape(), DType::f32, device);
+  if (layout == GradLayout::dense) {
+    ensure(grads.d_down, {E, D}, DType::f32, device);
+    ensure(grads.d_up, {E, D}, DType::f32, device);
+  } else {
+    const int64_t R = std::min(E, in.ids.numel());
+    ensure(grads.rows, {R}, DType::i32, device);
+    ensure(grads.d_down, {R, D}, DType::f32, device);
+    ensure(grads.d_up, {R, D}, DType::f32, device);
+  }
+  if (device == Device::cpu) {
+    detail::experts_backward_cpu(in, h, dy, layout, grads);
+  } else {
+    detail::experts_backward_cuda(in, h, dy, layout, grads);
+  }
+}
+
+}  // namespace flashmoe
