@@ -5,6 +5,8 @@
 #include <cstring>
 #include <sstream>
 
+#include "core/stream.h"
+
 namespace flashmoe {
 
 size_t dtype_size(DType dtype) {
@@ -13,6 +15,7 @@ size_t dtype_size(DType dtype) {
     case DType::bf16: return 2;
     case DType::i32: return 4;
     case DType::i64: return 8;
+    case DType::f64: return 8;
   }
   FLASHMOE_FAIL("unknown dtype " << static_cast<int>(dtype));
 }
@@ -23,6 +26,7 @@ const char* dtype_name(DType dtype) {
     case DType::bf16: return "bf16";
     case DType::i32: return "int32";
     case DType::i64: return "int64";
+    case DType::f64: return "fp64";
   }
   return "unknown";
 }
@@ -137,9 +141,9 @@ Tensor Tensor::view(Shape shape) const {
 }
 
 Tensor Tensor::rows(int64_t begin, int64_t end) const {
-  FLASHMOE_CHECK(rank() >= 1 && 0 <= begin && begin <= end && end <= shape_[0],
-                 "rows [" << begin << ", " << end << ") of a tensor of shape "
-                          << shape_string(shape_));
+  FLASHMOE_CHECK(
+      rank() >= 1 && 0 <= begin && begin <= end && end <= shape_[0],
+      "rows [" << begin << ", " << end << ") of a tensor of shape " << shape_string(shape_));
   Tensor t = *this;
   t.shape_[0] = end - begin;
   int64_t row_elems = shape_[0] ? numel() / shape_[0] : 0;
@@ -169,6 +173,9 @@ void Tensor::copy_from(const Tensor& src) {
   if (nbytes() == 0) return;
   if (device_ == Device::cpu && src.device_ == Device::cpu) {
     std::memcpy(raw(), src.raw(), nbytes());
+  } else if (device_ == Device::cuda && src.device_ == Device::cuda) {
+    CUDA_CHECK(
+        cudaMemcpyAsync(raw(), src.raw(), nbytes(), cudaMemcpyDeviceToDevice, current_stream()));
   } else {
     CUDA_CHECK(cudaMemcpy(raw(), src.raw(), nbytes(), cudaMemcpyDefault));
   }
@@ -179,7 +186,7 @@ void Tensor::fill_bytes(uint8_t byte) {
   if (device_ == Device::cpu) {
     std::memset(raw(), byte, nbytes());
   } else {
-    CUDA_CHECK(cudaMemset(raw(), byte, nbytes()));
+    CUDA_CHECK(cudaMemsetAsync(raw(), byte, nbytes(), current_stream()));
   }
 }
 
@@ -203,11 +210,15 @@ std::vector<float> Tensor::to_floats() const {
     case DType::i64:
       for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<float>(host.data<int64_t>()[i]);
       break;
+    case DType::f64:
+      for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<float>(host.data<double>()[i]);
+      break;
   }
   return out;
 }
 
 std::vector<double> Tensor::to_doubles() const {
+  if (dtype_ == DType::f64) return to_vector<double>();
   std::vector<float> f = to_floats();
   return std::vector<double>(f.begin(), f.end());
 }
@@ -220,10 +231,12 @@ std::vector<T> Tensor::to_vector() const {
 }
 
 template Tensor Tensor::from_vector(const std::vector<float>&, Shape, Device);
+template Tensor Tensor::from_vector(const std::vector<double>&, Shape, Device);
 template Tensor Tensor::from_vector(const std::vector<bf16>&, Shape, Device);
 template Tensor Tensor::from_vector(const std::vector<int32_t>&, Shape, Device);
 template Tensor Tensor::from_vector(const std::vector<int64_t>&, Shape, Device);
 template std::vector<float> Tensor::to_vector() const;
+template std::vector<double> Tensor::to_vector() const;
 template std::vector<bf16> Tensor::to_vector() const;
 template std::vector<int32_t> Tensor::to_vector() const;
 template std::vector<int64_t> Tensor::to_vector() const;
@@ -240,13 +253,13 @@ void expect_shape(const Tensor& t, const Shape& shape, const char* name) {
 }
 
 void expect_dtype(const Tensor& t, DType dtype, const char* name) {
-  FLASHMOE_CHECK(t.dtype() == dtype,
-                 name << " has dtype " << dtype_name(t.dtype()) << ", expected " << dtype_name(dtype));
+  FLASHMOE_CHECK(t.dtype() == dtype, name << " has dtype " << dtype_name(t.dtype()) << ", expected "
+                                          << dtype_name(dtype));
 }
 
 void expect_device(const Tensor& t, Device device, const char* name) {
-  FLASHMOE_CHECK(t.device() == device, name << " is on " << device_name(t.device())
-                                            << ", expected " << device_name(device));
+  FLASHMOE_CHECK(t.device() == device, name << " is on " << device_name(t.device()) << ", expected "
+                                            << device_name(device));
 }
 
 void expect_float(const Tensor& t, const char* name) {

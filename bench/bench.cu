@@ -1,0 +1,249 @@
+// flashmoe-bench: times the router and expert kernels (and later the layer) on
+// the SPEC section 11 cases with CUDA events: warm-up, >= 20 repetitions, the
+// median, and inputs rotated across several sets so the L2 cache does not
+// flatter. Every time is also read against the measured device-to-device copy
+// bandwidth: bytes / time over the copy rate is the fraction of the memory
+// roofline reached, where bytes is the least traffic the op must make.
+//
+//   flashmoe-bench [--case NAME]... [--reps N] [--json FILE]
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <fstream>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "core/philox.h"
+#include "core/tensor.h"
+#include "kernels/experts.h"
+#include "kernels/router.h"
+
+namespace flashmoe {
+namespace {
+
+struct Options {
+  std::vector<std::string> cases;
+  int reps = 50;
+  std::string json;
+};
+
+struct Result {
+  std::string name, op;
+  double ms;
+  double bytes;
+};
+
+// Median of `reps` event-timed runs of fn(rep), after `warmup` untimed ones.
+double time_median_ms(const std::function<void(int)>& fn, int reps, int warmup = 5) {
+  for (int i = 0; i < warmup; ++i) fn(i);
+  cudaEvent_t start, stop;
+  CUDA_CHECK(cudaEventCreate(&start));
+  CUDA_CHECK(cudaEventCreate(&stop));
+  std::vector<float> times(reps);
+  for (int i = 0; i < reps; ++i) {
+    CUDA_CHECK(cudaEventRecord(start));
+    fn(i);
+    CUDA_CHECK(cudaEventRecord(stop));
+    CUDA_CHECK(cudaEventSynchronize(stop));
+    CUDA_CHECK(cudaEventElapsedTime(&times[i], start, stop));
+  }
+  CUDA_CHECK(cudaEventDestroy(start));
+  CUDA_CHECK(cudaEventDestroy(stop));
+  std::nth_element(times.begin(), times.begin() + reps / 2, times.end());
+  return times[reps / 2];
+}
+
+// Device-to-device copy of 1 GiB; counts bytes read plus bytes written.
+double copy_bandwidth_gbs() {
+  const size_t bytes = size_t(1) << 30;
+  Tensor a = Tensor::zeros({int64_t(bytes)}, DType::i32, Device::cuda).view({int64_t(bytes / 4)});
+  Tensor b = Tensor::empty({int64_t(bytes / 4)}, DType::i32, Device::cuda);
+  double ms = time_median_ms(
+      [&](int) { CUDA_CHECK(cudaMemcpyAsync(b.raw(), a.raw(), bytes / 4 * 4, cudaMemcpyDefault)); },
+      20);
+  return 2.0 * (bytes / 4 * 4) / (ms * 1e-3) / 1e9;
+}
+
+Tensor random_tensor(Shape shape, DType dtype, uint64_t seed, float scale) {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  std::vector<float> values(n);
+  for (int64_t i = 0; i < n; ++i) values[i] = philox_uniform(seed, 0, i, -scale, scale);
+  return Tensor::from_floats(values, std::move(shape), dtype, Device::cuda);
+}
+
+// Enough input sets that together they exceed the L2 cache twice, at most 8.
+int rotation_sets(double bytes_per_set) {
+  cudaDeviceProp prop;
+  CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  int sets = static_cast<int>(2.0 * prop.l2CacheSize / std::max(bytes_per_set, 1.0)) + 1;
+  return std::clamp(sets, 2, 8);
+}
+
+struct RouterCase {
+  const char* name;
+  int64_t T;
+  int N, K, H;
+};
+
+void bench_router(const RouterCase& c, const Options& opt, std::vector<Result>& results) {
+  const double logit_bytes = double(c.T) * c.H * 2 * c.N * 2;
+  const int sets = rotation_sets(logit_bytes);
+  std::vector<Tensor> logits;
+  for (int s = 0; s < sets; ++s) {
+    logits.push_back(random_tensor({c.T, c.H, 2, c.N}, DType::bf16, 100 + s, 4.0f));
+  }
+  std::vector<RouterOutputs> outs(sets);
+  for (int s = 0; s < sets; ++s) router_forward(logits[s], c.K, false, outs[s]);
+  Tensor dgates = random_tensor({c.T, c.H, c.K}, DType::f32, 7, 1.0f);
+  Tensor dlogits = Tensor::empty({c.T, c.H, 2, c.N}, DType::f32, Device::cuda);
+  const double out_bytes = double(c.T) * c.H * (c.K * 8 + 2 * 4);
+  double fwd = time_median_ms(
+      [&](int i) { router_forward(logits[i % sets], c.K, false, outs[i % sets]); }, opt.reps);
+  results.push_back({c.name, "router fwd", fwd, logit_bytes + out_bytes});
+  double bwd = time_median_ms(
+      [&](int i) { router_backward(logits[i % sets], outs[i % sets], dgates, false, dlogits); },
+      opt.reps);
+  // Reads logits, logsumexp, ids, gates and dgates; writes fp32 dlogits.
+  const double dlogit_bytes = double(c.T) * c.H * 2 * c.N * 4;
+  results.push_back(
+      {c.name, "router bwd", bwd, logit_bytes + out_bytes + c.T * c.H * c.K * 4.0 + dlogit_bytes});
+}
+
+struct ExpertCase {
+  const char* name;
+  int64_t T, D, E, S;
+};
+
+void bench_experts(const ExpertCase& c, const Options& opt, std::vector<Result>& results) {
+  const double table_bytes = 2.0 * c.E * c.D * 2;
+  const int sets = rotation_sets(table_bytes);
+  // The tables are the large operand; rotating them keeps L2 honest. The index
+  // sets rotate with them (uniform random experts, as a balanced router gives).
+  std::vector<ExpertInputs> inputs(sets);
+  for (int s = 0; s < sets; ++s) {
+    ExpertInputs& in = inputs[s];
+    in.x = random_tensor({c.T, c.D}, DType::bf16, 200 + s, 1.0f);
+    in.down_embed = random_tensor({c.E, c.D}, DType::bf16, 300 + s, 0.05f);
+    in.up_embed = random_tensor({c.E, c.D}, DType::bf16, 400 + s, 0.05f);
+    std::vector<int32_t> ids(c.T * c.S);
+    for (size_t i = 0; i < ids.size(); ++i) ids[i] = philox_u32(500 + s, 0, i) % c.E;
+    in.ids = Tensor::from_vector(ids, {c.T, c.S}, Device::cuda);
+    in.gates = random_tensor({c.T, c.S}, DType::f32, 600 + s, 1.0f);
+    in.validate_ids = false;
+  }
+  Tensor y, h;
+  Tensor dy = random_tensor({c.T, c.D}, DType::bf16, 700, 1.0f);
+  ExpertGrads grads;
+  const GradLayout layout = c.E > 65536 ? GradLayout::row_sparse : GradLayout::dense;
+  experts_forward(inputs[0], y, h);
+  experts_backward(inputs[0], h, dy, layout, grads);
+
+  const double pairs = double(c.T) * c.S;
+  const double touched = std::min<double>(c.E, pairs);  // rows read at least once
+  const double io = 2.0 * c.T * c.D * 2 + pairs * 12;   // x, y, ids, gates, h
+  const double fwd_bytes = io + 2 * touched * c.D * 2;
+  const double grad_rows = layout == GradLayout::dense ? c.E : touched;
+  const double bwd_bytes = io + c.T * c.D * 2 * 2 + 2 * touched * c.D * 2 + 2 * grad_rows * c.D * 4;
+  double fwd = time_median_ms([&](int i) { experts_forward(inputs[i % sets], y, h); }, opt.reps);
+  double bwd = time_median_ms(
+      [&](int i) { experts_backward(inputs[i % sets], h, dy, layout, grads); }, opt.reps);
+  double both = time_median_ms(
+      [&](int i) {
+        experts_forward(inputs[i % sets], y, h);
+        experts_backward(inputs[i % sets], h, dy, layout, grads);
+      },
+      opt.reps);
+  results.push_back({c.name, "experts fwd", fwd, fwd_bytes});
+  results.push_back({c.name, "experts bwd", bwd, bwd_bytes});
+  results.push_back({c.name, "experts fwd+bwd", both, fwd_bytes + bwd_bytes});
+}
+
+bool selected(const Options& opt, const std::string& name) {
+  return opt.cases.empty() ||
+         std::find(opt.cases.begin(), opt.cases.end(), name) != opt.cases.end();
+}
+
+Options parse_args(int argc, char** argv) {
+  Options opt;
+  for (int i = 1; i < argc; ++i) {
+    std::string arg = argv[i];
+    auto value = [&]() -> std::string {
+      FLASHMOE_CHECK(i + 1 < argc, arg << " needs a value");
+      return argv[++i];
+    };
+    if (arg == "--case") {
+      opt.cases.push_back(value());
+    } else if (arg == "--reps") {
+      opt.reps = std::stoi(value());
+      FLASHMOE_CHECK(opt.reps >= 20, "--reps is " << opt.reps << ", expected >= 20");
+    } else if (arg == "--json") {
+      opt.json = value();
+    } else {
+      FLASHMOE_FAIL("unknown argument " << arg
+                                        << ", expected --case NAME, --reps N or --json FILE");
+    }
+  }
+  return opt;
+}
+
+void write_json(const std::string& path, const std::string& gpu, double copy_gbs,
+                const std::vector<Result>& results) {
+  std::ofstream out(path);
+  FLASHMOE_CHECK(out, "cannot write " << path);
+  out << "{\n  \"gpu\": \"" << gpu << "\",\n  \"copy_bandwidth_gbs\": " << copy_gbs
+      << ",\n  \"results\": [\n";
+  for (size_t i = 0; i < results.size(); ++i) {
+    const Result& r = results[i];
+    out << "    {\"case\": \"" << r.name << "\", \"op\": \"" << r.op
+        << "\", \"median_ms\": " << r.ms << ", \"min_bytes\": " << r.bytes << "}"
+        << (i + 1 < results.size() ? "," : "") << "\n";
+  }
+  out << "  ]\n}\n";
+}
+
+int run(int argc, char** argv) {
+  Options opt = parse_args(argc, argv);
+  FLASHMOE_CHECK(cuda_available(), "flashmoe-bench needs a CUDA device, found none");
+  cudaDeviceProp prop;
+  CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  const double copy_gbs = copy_bandwidth_gbs();
+  std::printf("GPU: %s, %d SMs, L2 %.0f MiB; device-to-device copy %.0f GB/s (read + write)\n",
+              prop.name, prop.multiProcessorCount, prop.l2CacheSize / 1048576.0, copy_gbs);
+  std::vector<Result> results;
+  const RouterCase router_cases[] = {{"router-small", 4096, 64, 8, 1},
+                                     {"router-large", 32768, 128, 16, 1},
+                                     {"router-k64", 4096, 128, 64, 1},
+                                     {"router-peer-1m", 4096, 1024, 16, 8}};
+  for (const RouterCase& c : router_cases) {
+    if (selected(opt, c.name)) bench_router(c, opt, results);
+  }
+  const ExpertCase expert_cases[] = {{"quickstart", 4096, 1024, 16384, 64},
+                                     {"peer-1m", 4096, 1024, 1048576, 128}};
+  for (const ExpertCase& c : expert_cases) {
+    if (selected(opt, c.name)) bench_experts(c, opt, results);
+  }
+  std::printf("\n| case | op | median ms | min bytes (MB) | GB/s | of copy BW |\n");
+  std::printf("|---|---|---|---|---|---|\n");
+  for (const Result& r : results) {
+    const double gbs = r.bytes / (r.ms * 1e-3) / 1e9;
+    std::printf("| %s | %s | %.4f | %.1f | %.0f | %.0f%% |\n", r.name.c_str(), r.op.c_str(), r.ms,
+                r.bytes / 1e6, gbs, 100.0 * gbs / copy_gbs);
+  }
+  if (!opt.json.empty()) write_json(opt.json, prop.name, copy_gbs, results);
+  return 0;
+}
+
+}  // namespace
+}  // namespace flashmoe
+
+int main(int argc, char** argv) {
+  try {
+    return flashmoe::run(argc, argv);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "flashmoe-bench: %s\n", e.what());
+    return 1;
+  }
+}

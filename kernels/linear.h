@@ -1,0 +1,37 @@
+// Dense linear maps for the shared SwiGLU branch, the router projection and the
+// model: row-major x [M, K], weight W [N, K] (PyTorch's layout), y [M, N].
+//   forward:         y  = x · W^T
+//   input gradient:  dx = dy · W
+//   weight gradient: dW = dy^T · x      (or dW += dy^T · x when accumulating)
+// x, W, y, dy, dx are fp32 or bf16 (one dtype per call); dW is fp32. Products
+// accumulate in fp32: cuBLASLt on the GPU (fixed algorithm per shape, so results
+// repeat bit for bit), blocked loops on the CPU.
+#pragma once
+
+#include "core/tensor.h"
+
+namespace flashmoe {
+
+void linear_forward(const Tensor& x, const Tensor& w, Tensor& y);
+void linear_backward_input(const Tensor& dy, const Tensor& w, Tensor& dx);
+void linear_backward_weight(const Tensor& dy, const Tensor& x, Tensor& dw, bool accumulate);
+
+namespace detail {
+// C = alpha * op(A) · op(B) + beta * C in cuBLAS's column-major convention;
+// A, B of dtype `in`, C of dtype `out` (fp32 accumulation).
+struct GemmArgs {
+  bool trans_a, trans_b;
+  int64_t m, n, k;
+  const void* a;
+  int64_t lda;
+  const void* b;
+  int64_t ldb;
+  void* c;
+  int64_t ldc;
+  DType in, out;
+  float beta;
+};
+void gemm_cuda(const GemmArgs& args);
+}  // namespace detail
+
+}  // namespace flashmoe
