@@ -3,6 +3,7 @@
 #pragma once
 
 #include "core/bf16.h"
+#include "core/stream.h"
 
 namespace flashmoe {
 

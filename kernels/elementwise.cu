@@ -1,0 +1,113 @@
+#include "core/philox.h"
+#include "kernels/elementwise.cuh"
+#include "kernels/elementwise.h"
+
+namespace flashmoe {
+
+namespace {
+
+// Runs op(i) for i < n: a loop on the CPU, a grid-stride kernel on the GPU.
+template <class Op>
+__global__ void for_each_kernel(Op op, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    op(i);
+  }
+}
+
+template <class Op>
+void for_each(Device device, int64_t n, Op op, const char* name) {
+  if (device == Device::cpu) {
+    for (int64_t i = 0; i < n; ++i) op(i);
+    return;
+  }
+  if (n == 0) return;
+  for_each_kernel<<<grid_for(n, 256), 256, 0, current_stream()>>>(op, n);
+  CUDA_CHECK_LAUNCH(name);
+}
+
+template <class A, class B, class Out>
+struct AddOp {
+  const A* a;
+  const B* b;
+  Out* out;
+  FLASHMOE_HD void operator()(int64_t i) const {
+    store_float(out, i, load_float(a, i) + load_float(b, i));
+  }
+};
+
+template <class Src, class Dst>
+struct ConvertOp {
+  const Src* src;
+  Dst* dst;
+  FLASHMOE_HD void operator()(int64_t i) const { store_float(dst, i, load_float(src, i)); }
+};
+
+template <class T>
+struct UniformOp {
+  T* out;
+  uint64_t seed, stream;
+  float bound;
+  int64_t offset;
+  FLASHMOE_HD void operator()(int64_t i) const {
+    store_float(out, i, philox_uniform(seed, stream, offset + i, -bound, bound));
+  }
+};
+
+// Calls f(p) with p a typed pointer to t's fp32 or bf16 data.
+template <class F>
+void with_float_data(const Tensor& t, F f) {
+  expect_float(t, "tensor");
+  if (t.dtype() == DType::f32) {
+    f(t.data<float>());
+  } else {
+    f(t.data<bf16>());
+  }
+}
+
+}  // namespace
+
+void add(const Tensor& a, const Tensor& b, Tensor& out) {
+  expect_float(a, "add operand");
+  expect_shape(b, a.shape(), "add operand b");
+  expect_dtype(b, a.dtype(), "add operand b");
+  expect_device(b, a.device(), "add operand b");
+  ensure(out, a.shape(), a.dtype(), a.device());
+  with_float_data(a, [&](auto* pa) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(pa)>>;
+    for_each(a.device(), a.numel(), AddOp<T, T, T>{pa, b.data<T>(), out.data<T>()}, "add");
+  });
+}
+
+void add_into(const Tensor& a, Tensor& out) {
+  expect_shape(a, out.shape(), "add_into operand");
+  expect_device(a, out.device(), "add_into operand");
+  with_float_data(a, [&](auto* pa) {
+    with_float_data(out, [&](auto* po) {
+      using A = std::remove_pointer_t<decltype(pa)>;
+      using O = std::remove_pointer_t<decltype(po)>;
+      for_each(a.device(), a.numel(), AddOp<O, A, O>{po, pa, po}, "add_into");
+    });
+  });
+}
+
+void convert(const Tensor& src, Tensor& dst) {
+  expect_shape(dst, src.shape(), "convert destination");
+  expect_device(dst, src.device(), "convert destination");
+  with_float_data(src, [&](auto* ps) {
+    with_float_data(dst, [&](auto* pd) {
+      using S = std::remove_pointer_t<decltype(ps)>;
+      using D = std::remove_pointer_t<decltype(pd)>;
+      for_each(src.device(), src.numel(), ConvertOp<S, D>{ps, pd}, "convert");
+    });
+  });
+}
+
+void init_uniform(Tensor& t, uint64_t seed, uint64_t stream, float bound, int64_t offset) {
+  with_float_data(t, [&](auto* p) {
+    using T = std::remove_pointer_t<decltype(p)>;
+    for_each(t.device(), t.numel(), UniformOp<T>{p, seed, stream, bound, offset}, "init_uniform");
+  });
+}
+
+}  // namespace flashmoe

@@ -1,0 +1,22 @@
+// Small element-wise ops shared by the layer and the model, CPU and CUDA side by
+// side in elementwise.cu:
+//   add:          out = a + b                (fp32 or bf16, one dtype; fp32 arithmetic)
+//   add_into:     out += a                   (out fp32 or bf16, a of any float dtype)
+//   convert:      dst = src                  (fp32 <-> bf16, bf16 rounds to nearest even)
+//   init_uniform: t[i] = U(-bound, bound) from Philox(seed, stream, offset + i): the same
+//                 bits on every backend, and a shard starting at element `offset` of a
+//                 larger tensor gets exactly that tensor's values.
+#pragma once
+
+#include <cstdint>
+
+#include "core/tensor.h"
+
+namespace flashmoe {
+
+void add(const Tensor& a, const Tensor& b, Tensor& out);
+void add_into(const Tensor& a, Tensor& out);
+void convert(const Tensor& src, Tensor& dst);
+void init_uniform(Tensor& t, uint64_t seed, uint64_t stream, float bound, int64_t offset = 0);
+
+}  // namespace flashmoe

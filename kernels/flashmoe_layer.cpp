@@ -1,0 +1,162 @@
+#include "kernels/flashmoe_layer.h"
+
+#include <cmath>
+
+#include "kernels/elementwise.h"
+#include "kernels/linear.h"
+#include "kernels/swiglu.h"
+
+namespace flashmoe {
+
+namespace {
+// Expert-table gradients above this many elements per table are kept row-sparse:
+// a batch touches at most T*H*K rows of a table of millions.
+constexpr int64_t kDenseExpertGradLimit = int64_t(1) << 26;
+
+Parameter make_parameter(std::string name, Shape shape, DType dtype, Device device, uint64_t seed,
+                         uint64_t stream, float bound) {
+  Parameter p;
+  p.name = std::move(name);
+  p.value = Tensor::empty(shape, dtype, device);
+  init_uniform(p.value, seed, stream, bound);
+  p.grad = Tensor::zeros(shape, DType::f32, device);
+  return p;
+}
+
+float fan_in_bound(int64_t fan_in) { return fan_in > 0 ? 1.0f / std::sqrt(float(fan_in)) : 0.0f; }
+}  // namespace
+
+FlashMoELayer::FlashMoELayer(int64_t dim, const MoeConfig& config, Device device, DType dtype,
+                             uint64_t seed, uint64_t stream_base)
+    : dim_(dim),
+      config_(config),
+      num_keys_(num_keys_for(config.num_experts)),
+      device_(device),
+      dtype_(dtype) {
+  FLASHMOE_CHECK(dim >= 1, "layer width is " << dim << ", expected >= 1");
+  FLASHMOE_CHECK(config.top_k >= 1 && config.top_k <= config.num_experts,
+                 "moe.top_k is " << config.top_k << ", expected 1 <= top_k <= num_experts = "
+                                 << config.num_experts);
+  const int64_t I = config.shared_intermediate, E = config.num_experts, H = config.heads;
+  expert_grad_layout_ =
+      E * dim > kDenseExpertGradLimit ? GradLayout::row_sparse : GradLayout::dense;
+  w_gate_up_ = make_parameter("w_gate_up", {2 * I, dim}, dtype, device, seed, stream_base + 0,
+                              fan_in_bound(dim));
+  w_down_ =
+      make_parameter("w_down", {dim, I}, dtype, device, seed, stream_base + 1, fan_in_bound(I));
+  w_router_ = make_parameter("w_router", {H * 2 * num_keys_, dim}, dtype, device, seed,
+                             stream_base + 2, fan_in_bound(dim));
+  for (Parameter* table : {&down_embed_, &up_embed_}) {
+    const bool down = table == &down_embed_;
+    Parameter& p = *table;
+    p.name = down ? "down_embed" : "up_embed";
+    p.value = Tensor::empty({E, dim}, dtype, device);
+    init_uniform(p.value, seed, stream_base + (down ? 3 : 4), fan_in_bound(dim));
+    p.expert_table = true;
+    p.weight_decay = false;
+    if (expert_grad_layout_ == GradLayout::dense)
+      p.grad = Tensor::zeros({E, dim}, DType::f32, device);
+  }
+  batchnorm_.running_mean = Tensor::zeros({dim}, DType::f32, device);
+  batchnorm_.running_var = Tensor::empty({dim}, DType::f32, device);
+  batchnorm_.running_var.fill(1.0f);
+  batchnorm_.momentum = static_cast<float>(config.bn_momentum);
+  batchnorm_.eps = static_cast<float>(config.bn_eps);
+}
+
+std::vector<Parameter*> FlashMoELayer::parameters() {
+  return {&w_gate_up_, &w_down_, &w_router_, &down_embed_, &up_embed_};
+}
+
+void FlashMoELayer::forward_norm(bool training) {
+  switch (config_.router_norm) {
+    case RouterNorm::batchnorm: batchnorm_forward(batchnorm_, x_, training, xn_, bn_saved_); break;
+    case RouterNorm::rmsnorm:
+      rmsnorm_forward(x_, Tensor(), static_cast<float>(config_.bn_eps), xn_, rstd_);
+      break;
+    case RouterNorm::none: xn_ = x_; break;
+  }
+}
+
+void FlashMoELayer::backward_norm(const Tensor& dxn) {
+  switch (config_.router_norm) {
+    case RouterNorm::batchnorm: batchnorm_backward(batchnorm_, x_, bn_saved_, dxn, dx_norm_); break;
+    case RouterNorm::rmsnorm:
+      rmsnorm_backward(x_, Tensor(), rstd_, dxn, dx_norm_, unused_gain_grad_);
+      break;
+    case RouterNorm::none: dx_norm_ = dxn; break;
+  }
+}
+
+const Tensor& FlashMoELayer::forward(const Tensor& x, bool training) {
+  FLASHMOE_CHECK(
+      x.defined() && x.rank() == 2 && x.size(1) == dim_,
+      "layer input has shape " << shape_string(x.shape()) << ", expected [T, " << dim_ << "]");
+  expect_dtype(x, dtype_, "layer input");
+  expect_device(x, device_, "layer input");
+  const int64_t T = x.size(0), H = config_.heads, K = config_.top_k;
+  x_ = x;
+  forward_norm(training);
+
+  linear_forward(xn_, w_router_.value, logits_);
+  logits_ = logits_.view({T, H, 2, num_keys_});
+  router_forward(logits_, static_cast<int>(K), config_.norm_topk_prob, routing_);
+
+  expert_in_ = {x_,
+                down_embed_.value,
+                up_embed_.value,
+                routing_.expert_ids.view({T, H * K}),
+                routing_.gates.view({T, H * K}),
+                config_.act,
+                /*validate_ids=*/false};
+  experts_forward(expert_in_, y_routed_, h_);
+  if (config_.shared_intermediate == 0) return y_routed_;
+
+  linear_forward(x_, w_gate_up_.value, gate_up_);
+  swiglu_forward(gate_up_, config_.act, hidden_);
+  linear_forward(hidden_, w_down_.value, y_shared_);
+  add(y_shared_, y_routed_, y_);
+  return y_;
+}
+
+const Tensor& FlashMoELayer::backward(const Tensor& dy) {
+  FLASHMOE_CHECK(x_.defined(), "layer backward called before forward");
+  expect_shape(dy, x_.shape(), "layer dy");
+  expect_dtype(dy, dtype_, "layer dy");
+  const int64_t T = x_.size(0), H = config_.heads, K = config_.top_k;
+
+  experts_backward(expert_in_, h_, dy, expert_grad_layout_, expert_grads_);
+  down_embed_.grad = expert_grads_.d_down;
+  up_embed_.grad = expert_grads_.d_up;
+  down_embed_.rows = up_embed_.rows = expert_grads_.rows;
+
+  ensure(dlogits_, logits_.shape(), DType::f32, device_);
+  router_backward(logits_, routing_, expert_grads_.dgates.view({T, H, K}), config_.norm_topk_prob,
+                  dlogits_);
+  Tensor dq = dlogits_.view({T, H * 2 * num_keys_});
+  if (dtype_ != DType::f32) {
+    ensure(dlogits_cast_, dq.shape(), dtype_, device_);
+    convert(dq, dlogits_cast_);
+    dq = dlogits_cast_;
+  }
+  linear_backward_weight(dq, xn_, w_router_.grad, false);
+  linear_backward_input(dq, w_router_.value, dxn_);
+  backward_norm(dxn_);
+  add(expert_grads_.dx, dx_norm_, dx_);
+  if (config_.shared_intermediate == 0) return dx_;
+
+  linear_backward_weight(dy, hidden_, w_down_.grad, false);
+  linear_backward_input(dy, w_down_.value, dhidden_);
+  swiglu_backward(gate_up_, dhidden_, config_.act, dgate_up_);
+  linear_backward_weight(dgate_up_, x_, w_gate_up_.grad, false);
+  linear_backward_input(dgate_up_, w_gate_up_.value, dx_shared_);
+  add_into(dx_shared_, dx_);
+  return dx_;
+}
+
+RouterStats FlashMoELayer::stats() {
+  FLASHMOE_CHECK(routing_.expert_ids.defined(), "router statistics requested before forward");
+  return router_stats(routing_.expert_ids, routing_.gates, config_.num_experts, stats_workspace_);
+}
+
+}  // namespace flashmoe

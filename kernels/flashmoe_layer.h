@@ -1,0 +1,85 @@
+// The FlashMoE layer (SPEC section 1) as one object with the same interface on
+// the CPU and the GPU:
+//   xn = norm(x);  q = W_r xn;  ids, g = router(q);  y_routed = experts(x, ids, g)
+//   y  = W_down (act(W_gate x) * (W_up x)) + y_routed
+// Parameters live in the storage dtype (fp32 or bf16) on the layer's device and
+// are initialised from Philox, so every backend and world size starts from the
+// same values; gradients are fp32. Buffers are allocated on the first call and
+// reused; forward and backward never synchronise with the host, so a whole step
+// can be captured in a CUDA graph.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "core/config.h"
+#include "kernels/experts.h"
+#include "kernels/norm.h"
+#include "kernels/router.h"
+#include "kernels/router_stats.h"
+
+namespace flashmoe {
+
+struct Parameter {
+  std::string name;
+  Tensor value;  // storage dtype
+  // fp32. Dense: the shape of value. Row-sparse (expert tables of a large E): [R, D]
+  // holding the gradients of the rows listed in `rows` (-1: unused slot).
+  Tensor grad;
+  Tensor rows;
+  bool expert_table = false;
+  bool weight_decay = true;
+};
+
+class FlashMoELayer {
+ public:
+  // `seed` and `stream_base` pick the Philox streams of the parameters, so layers of
+  // one model draw distinct values.
+  FlashMoELayer(int64_t dim, const MoeConfig& config, Device device, DType dtype, uint64_t seed,
+                uint64_t stream_base);
+
+  // y [T, D] for x [T, D]; `training` selects batch or running statistics.
+  const Tensor& forward(const Tensor& x, bool training);
+  // dx [T, D] for dy [T, D]; fills every parameter's gradient (overwriting).
+  const Tensor& backward(const Tensor& dy);
+
+  std::vector<Parameter*> parameters();
+  const Tensor& router_logits() const { return logits_; }  // [T, H, 2, N]
+  const RouterOutputs& routing() const { return routing_; }
+  RouterStats stats();                           // synchronises: for log intervals
+  BatchNorm& batchnorm() { return batchnorm_; }  // its `sync` hook syncs statistics across ranks
+
+  int64_t num_experts() const { return config_.num_experts; }
+  int num_keys() const { return num_keys_; }
+  Device device() const { return device_; }
+  DType dtype() const { return dtype_; }
+
+ private:
+  void forward_norm(bool training);
+  void backward_norm(const Tensor& dxn);
+
+  int64_t dim_;
+  MoeConfig config_;
+  GradLayout expert_grad_layout_;
+  int num_keys_;
+  Device device_;
+  DType dtype_;
+
+  Parameter w_gate_up_;   // [2I, D]: W_gate rows, then W_up rows
+  Parameter w_down_;      // [D, I]
+  Parameter w_router_;    // [H*2N, D]
+  Parameter down_embed_;  // [E, D]
+  Parameter up_embed_;    // [E, D]
+  BatchNorm batchnorm_;
+
+  // Saved by forward for backward, and reused buffers.
+  Tensor x_, xn_, rstd_, logits_, gate_up_, hidden_, y_routed_, y_shared_, y_, h_;
+  BatchNormSaved bn_saved_;
+  RouterOutputs routing_;
+  ExpertInputs expert_in_;
+  ExpertGrads expert_grads_;
+  Tensor dlogits_, dlogits_cast_, dxn_, dx_norm_, dhidden_, dgate_up_, dx_shared_, dx_;
+  Tensor unused_gain_grad_, stats_workspace_;
+};
+
+}  // namespace flashmoe
