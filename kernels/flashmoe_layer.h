@@ -13,23 +13,13 @@
 #include <vector>
 
 #include "core/config.h"
+#include "core/parameter.h"
 #include "kernels/experts.h"
 #include "kernels/norm.h"
 #include "kernels/router.h"
 #include "kernels/router_stats.h"
 
 namespace flashmoe {
-
-struct Parameter {
-  std::string name;
-  Tensor value;  // storage dtype
-  // fp32. Dense: the shape of value. Row-sparse (expert tables of a large E): [R, D]
-  // holding the gradients of the rows listed in `rows` (-1: unused slot).
-  Tensor grad;
-  Tensor rows;
-  bool expert_table = false;
-  bool weight_decay = true;
-};
 
 class FlashMoELayer {
  public:

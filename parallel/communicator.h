@@ -1,0 +1,39 @@
+// Communication between the ranks of a job, one interface for every backend:
+// `local` (one rank, no communication), MPI (host buffers: the CPU backend and CI)
+// and NCCL (device buffers). The trainer and the layers see only this interface.
+//
+// Collectives are called by every rank in the same order. Sums run in a fixed rank
+// order inside each implementation, so results repeat bit for bit for a given
+// world size.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "core/tensor.h"
+
+namespace flashmoe {
+
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+
+  // t = sum over ranks of t, in place (fp32 or fp64).
+  virtual void all_reduce_sum(Tensor& t) = 0;
+  // Every rank's t = root's t.
+  virtual void broadcast(Tensor& t, int root) = 0;
+  // Rows of `send` are grouped by destination rank: send_counts[p] rows for rank p,
+  // in rank order; `recv` receives recv_counts[p] rows from rank p, in rank order.
+  // Counts are rows of the tensors' trailing shape.
+  virtual void all_to_all(const Tensor& send, const std::vector<int64_t>& send_counts, Tensor& recv,
+                          const std::vector<int64_t>& recv_counts) = 0;
+  virtual void barrier() = 0;
+};
+
+// The single-rank communicator: every collective is the identity.
+std::unique_ptr<Communicator> make_local_communicator();
+
+}  // namespace flashmoe

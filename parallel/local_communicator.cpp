@@ -1,0 +1,29 @@
+#include "parallel/communicator.h"
+
+namespace flashmoe {
+
+namespace {
+class LocalCommunicator final : public Communicator {
+ public:
+  int rank() const override { return 0; }
+  int size() const override { return 1; }
+  void all_reduce_sum(Tensor&) override {}
+  void broadcast(Tensor&, int root) override {
+    FLASHMOE_CHECK(root == 0, "broadcast from rank " << root << ", expected 0 in a 1-rank job");
+  }
+  void all_to_all(const Tensor& send, const std::vector<int64_t>& send_counts, Tensor& recv,
+                  const std::vector<int64_t>& recv_counts) override {
+    FLASHMOE_CHECK(
+        send_counts.size() == 1 && recv_counts.size() == 1 && send_counts[0] == recv_counts[0],
+        "all_to_all in a 1-rank job needs one equal send and receive count");
+    recv.rows(0, recv_counts[0]).copy_from(send.rows(0, send_counts[0]));
+  }
+  void barrier() override {}
+};
+}  // namespace
+
+std::unique_ptr<Communicator> make_local_communicator() {
+  return std::make_unique<LocalCommunicator>();
+}
+
+}  // namespace flashmoe
