@@ -1,9 +1,295 @@
-// PLACEHOLDER: replaced by the CUDA expert implementation.
+// CUDA backend of the single-neuron experts (math in kernels/experts.h, kernels in
+// kernels/experts_kernels.cuh). P = T*S (token, slot) pairs, pair p = t*S + s.
+//
+// Forward: two gather passes over the pairs; gathered rows are never materialised.
+//   1. slot_dot_kernel(x, down_embed): h[p] = <x[t], down[e]>, coef[p] = act(h) g.
+//   2. slot_sum_kernel(up_embed, coef): y[t] = sum_s coef[t][s] up[e], s ascending.
+//   Each pass reads one table only, so at the quickstart shape (E = 16384, D = 1024,
+//   bf16: 32 MB a table) the table a pass gathers from stays in the 50 MB L2.
+// Backward: the same two passes token-centric, then the expert gradients
+// expert-centric, without floating-point atomics:
+//   1. slot_dot_kernel(dy, up_embed): z[p] = <dy[t], up[e]>; dgates = act(h) z;
+//      per-pair scratch dh = z g act'(h) and a = act(h) g.
+//   2. slot_sum_kernel(down_embed, dh): dx[t] = sum_s dh[t][s] down[e], s ascending.
+//   3. Group the pairs by expert: a stable LSD radix sort (CUB) of the ids as keys,
+//      over the ceil(log2 E) low bits, with the pair indices as values. Stable, so the
+//      pairs of an expert stay in ascending pair order, whatever the timing.
+//   4. The output rows and their pair ranges row_begin[r] .. row_begin[r + 1]:
+//      dense: row r = expert r, row_begin[e] = lower bound of e in the sorted ids;
+//      row-sparse: run starts of the sorted ids, an exclusive scan (CUB) numbers the
+//      runs, run r is row r (rows[r] = its expert, ascending); rows past the last
+//      run get -1 and an empty range. Sizes depend on the shapes only: no host sync.
+//   5. expert_grad_kernel, one block per output row, sums its pairs in that order:
+//      d_down[r] = sum dh x[t], d_up[r] = sum a dy[t] (fp32); empty rows are zero.
+// Every sum has a fixed order (butterfly for the dots, ascending slot or pair index
+// for the rest): results are bitwise repeatable.
+//
+// Rows are read in 16-byte chunks when D * sizeof(T) is a multiple of 16 and every
+// row base is 16-byte aligned, else one element at a time (any D).
+// Limits: T*S < 2^31 (pair indices are int32), S <= 16 * 65535 (grid y), D and E < 2^31.
+// Ids are checked on the device when ExpertInputs::validate_ids is set (one host
+// sync); otherwise an id outside [0, E) is the caller's error (out-of-bounds reads).
+//
+// Scratch (per-pair coefficients, sort buffers, CUB temporary storage) comes from
+// one device buffer per host thread and device, grown to the largest request and
+// never shrunk: repeated calls with the same shapes allocate nothing, so a warmed-up
+// step can be captured in a CUDA graph. Calls of one thread are ordered on
+// current_stream(), so each call may reuse the buffer of the one before.
+#include <algorithm>
+#include <bit>
+#include <climits>
+#include <cstdint>
+#include <cub/device/device_radix_sort.cuh>
+#include <cub/device/device_scan.cuh>
+#include <vector>
+
+#include "core/stream.h"
 #include "kernels/backends.h"
+#include "kernels/experts_kernels.cuh"
+
 namespace flashmoe::detail {
-void experts_forward_cuda(const ExpertInputs&, Tensor&, Tensor&) { FLASHMOE_FAIL("todo"); }
-void experts_backward_cuda(const ExpertInputs&, const Tensor&, const Tensor&, GradLayout,
-                           ExpertGrads&) {
-  FLASHMOE_FAIL("todo");
+
+namespace {
+
+using namespace experts_gpu;
+
+// Lays out sub-buffers of one scratch allocation, each 256-byte aligned.
+class ScratchPlan {
+ public:
+  template <class U>
+  size_t add(int64_t count) {
+    const size_t at = bytes_;
+    bytes_ += (static_cast<size_t>(count) * sizeof(U) + 255) / 256 * 256;
+    return at;
+  }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  size_t bytes_ = 0;
+};
+
+// The scratch buffer of this host thread on the current device, at least `bytes` long.
+uint8_t* scratch_buffer(size_t bytes) {
+  thread_local std::vector<Tensor> buffers;  // indexed by device ordinal
+  int device = 0;
+  CUDA_CHECK(cudaGetDevice(&device));
+  if (buffers.size() <= static_cast<size_t>(device)) buffers.resize(device + 1);
+  Tensor& buffer = buffers[device];
+  if (!buffer.defined() || buffer.nbytes() < bytes) {
+    // Work queued by earlier calls may still use the old buffer: let it finish first.
+    CUDA_CHECK(cudaStreamSynchronize(current_stream()));
+    buffer = Tensor();
+    buffer = Tensor::empty({static_cast<int64_t>((bytes + 7) / 8)}, DType::i64, Device::cuda);
+  }
+  return static_cast<uint8_t*>(buffer.raw());
 }
+
+template <class U>
+U* carve(uint8_t* base, size_t at) {
+  return reinterpret_cast<U*>(base + at);
+}
+
+struct Sizes {
+  int64_t tokens, dim, experts, slots, pairs;
+};
+
+Sizes sizes_of(const ExpertInputs& in) {
+  const Sizes s{in.x.size(0), in.x.size(1), in.down_embed.size(0), in.ids.size(1), in.ids.numel()};
+  FLASHMOE_CHECK(s.pairs < INT32_MAX,
+                 "T*S = " << s.pairs << " (token, slot) pairs, expected < 2^31");
+  FLASHMOE_CHECK(
+      s.slots <= int64_t(kDotSlotsPerBlock) * 65535,
+      "S = " << s.slots << " slots per token, expected <= " << kDotSlotsPerBlock * 65535);
+  FLASHMOE_CHECK(s.dim < INT32_MAX, "D = " << s.dim << ", expected < 2^31");
+  FLASHMOE_CHECK(s.experts < INT32_MAX, "E = " << s.experts << ", expected < 2^31 (int32 ids)");
+  return s;
+}
+
+unsigned blocks_for(int64_t n, int threads) {
+  return static_cast<unsigned>((n + threads - 1) / threads);
+}
+
+// Threads of the row-sum kernels: one chunk each, a whole number of warps, 32 to 256.
+int row_threads(int64_t chunks) {
+  return static_cast<int>(std::clamp<int64_t>((chunks + kWarp - 1) / kWarp * kWarp, kWarp, 256));
+}
+
+// True when every row of these tensors (row length `dim` elements of `elem_bytes`)
+// starts on a 16-byte boundary, so rows can be read in 16-byte chunks.
+bool rows_aligned_16(int64_t dim, size_t elem_bytes, std::initializer_list<const Tensor*> tensors) {
+  if (dim * static_cast<int64_t>(elem_bytes) % 16 != 0) return false;
+  return std::all_of(tensors.begin(), tensors.end(), [](const Tensor* t) {
+    return reinterpret_cast<uintptr_t>(t->raw()) % 16 == 0;
+  });
+}
+
+// Calls fn.template operator()<T, kVec>() for the storage type and the chunk width.
+template <class Fn>
+void dispatch(DType dtype, bool vectorized, Fn&& fn) {
+  if (dtype == DType::f32) {
+    vectorized ? fn.template operator()<float, 4>() : fn.template operator()<float, 1>();
+  } else {
+    vectorized ? fn.template operator()<bf16, 8>() : fn.template operator()<bf16, 1>();
+  }
+}
+
+// Throws naming the first id outside [0, E). `first_bad` is 8 bytes of scratch.
+void check_ids_on_device(const ExpertInputs& in, const Sizes& s, unsigned long long* first_bad) {
+  if (s.pairs == 0) return;
+  cudaStream_t stream = current_stream();
+  CUDA_CHECK(cudaMemsetAsync(first_bad, 0xFF, sizeof *first_bad, stream));
+  find_bad_id_kernel<<<blocks_for(s.pairs, 256), 256, 0, stream>>>(in.ids.data<int32_t>(), s.pairs,
+                                                                   s.experts, first_bad);
+  CUDA_CHECK_LAUNCH("find_bad_id_kernel");
+  unsigned long long position = 0;
+  CUDA_CHECK(
+      cudaMemcpyAsync(&position, first_bad, sizeof position, cudaMemcpyDeviceToHost, stream));
+  CUDA_CHECK(cudaStreamSynchronize(stream));
+  if (position == ULLONG_MAX) return;
+  int32_t id = 0;
+  CUDA_CHECK(cudaMemcpy(&id, in.ids.data<int32_t>() + position, sizeof id, cudaMemcpyDeviceToHost));
+  const int64_t p = static_cast<int64_t>(position);
+  FLASHMOE_FAIL("expert id " << id << " at position " << p << " (token " << p / s.slots << ", slot "
+                             << p % s.slots << "), expected 0 <= id < E = " << s.experts);
+}
+
+// Launches slot_dot_kernel over all pairs (a no-op when there are none).
+template <class T, int kVec, class Epilogue>
+void launch_slot_dots(const T* token_rows, const T* table, const int32_t* ids, const Sizes& s,
+                      Epilogue epilogue) {
+  if (s.pairs == 0) return;
+  const dim3 grid(static_cast<unsigned>(s.tokens), blocks_for(s.slots, kDotSlotsPerBlock));
+  slot_dot_kernel<T, kVec><<<grid, kDotWarps * kWarp, 0, current_stream()>>>(
+      token_rows, table, ids, s.slots, s.dim, epilogue);
+  CUDA_CHECK_LAUNCH("slot_dot_kernel");
+}
+
+// Launches slot_sum_kernel: out[t] = sum_s coef[t][s] table[ids[t][s]].
+template <class T, int kVec>
+void launch_slot_sums(const T* table, const int32_t* ids, const float* coef, const Sizes& s,
+                      T* out) {
+  if (s.tokens == 0) return;
+  slot_sum_kernel<T, kVec>
+      <<<static_cast<unsigned>(s.tokens), row_threads(s.dim / kVec), 0, current_stream()>>>(
+          table, ids, coef, s.slots, s.dim, out);
+  CUDA_CHECK_LAUNCH("slot_sum_kernel");
+}
+
+}  // namespace
+
+void experts_forward_cuda(const ExpertInputs& in, Tensor& y, Tensor& h) {
+  const Sizes s = sizes_of(in);
+  ScratchPlan plan;
+  const size_t first_bad_at = plan.add<unsigned long long>(1);
+  const size_t coef_at = plan.add<float>(s.pairs);
+  uint8_t* scratch = scratch_buffer(plan.bytes());
+  if (in.validate_ids) check_ids_on_device(in, s, carve<unsigned long long>(scratch, first_bad_at));
+
+  float* coef = carve<float>(scratch, coef_at);
+  const bool vectorized =
+      rows_aligned_16(s.dim, dtype_size(in.x.dtype()), {&in.x, &in.down_embed, &in.up_embed, &y});
+  dispatch(in.x.dtype(), vectorized, [&]<class T, int kVec>() {
+    const int32_t* ids = in.ids.data<int32_t>();
+    launch_slot_dots<T, kVec>(
+        in.x.data<T>(), in.down_embed.data<T>(), ids, s,
+        ForwardDotEpilogue{in.gates.data<float>(), h.data<float>(), coef, in.act});
+    launch_slot_sums<T, kVec>(in.up_embed.data<T>(), ids, coef, s, y.data<T>());
+  });
+}
+
+void experts_backward_cuda(const ExpertInputs& in, const Tensor& h, const Tensor& dy,
+                           GradLayout layout, ExpertGrads& grads) {
+  const Sizes s = sizes_of(in);
+  const bool dense = layout == GradLayout::dense;
+  const int64_t out_rows = grads.d_down.size(0);  // E (dense) or R = min(E, T*S)
+  const int32_t pairs = static_cast<int32_t>(s.pairs);
+  const int key_bits =
+      std::max(1, static_cast<int>(std::bit_width(static_cast<uint64_t>(s.experts - 1))));
+  cudaStream_t stream = current_stream();
+
+  // CUB's temporary storage, sized by calls that do no work.
+  size_t sort_bytes = 0, scan_bytes = 0;
+  CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
+      nullptr, sort_bytes, static_cast<const uint32_t*>(nullptr), static_cast<uint32_t*>(nullptr),
+      static_cast<const int32_t*>(nullptr), static_cast<int32_t*>(nullptr), pairs, 0, key_bits,
+      stream));
+  if (!dense) {
+    CUDA_CHECK(cub::DeviceScan::ExclusiveSum(nullptr, scan_bytes,
+                                             static_cast<const int32_t*>(nullptr),
+                                             static_cast<int32_t*>(nullptr), pairs + 1, stream));
+  }
+  ScratchPlan plan;
+  const size_t first_bad_at = plan.add<unsigned long long>(1);
+  const size_t dh_at = plan.add<float>(s.pairs), a_at = plan.add<float>(s.pairs);
+  const size_t pair_index_at = plan.add<int32_t>(s.pairs);
+  const size_t sorted_pairs_at = plan.add<int32_t>(s.pairs);
+  const size_t sorted_experts_at = plan.add<uint32_t>(s.pairs);
+  const size_t row_begin_at = plan.add<int32_t>(out_rows + 1);
+  const size_t is_run_start_at = plan.add<int32_t>(dense ? 0 : s.pairs + 1);
+  const size_t run_index_at = plan.add<int32_t>(dense ? 0 : s.pairs + 1);
+  const size_t cub_at = plan.add<uint8_t>(static_cast<int64_t>(std::max(sort_bytes, scan_bytes)));
+  uint8_t* scratch = scratch_buffer(plan.bytes());
+  if (in.validate_ids) check_ids_on_device(in, s, carve<unsigned long long>(scratch, first_bad_at));
+
+  float* pair_dh = carve<float>(scratch, dh_at);
+  float* pair_a = carve<float>(scratch, a_at);
+  int32_t* pair_index = carve<int32_t>(scratch, pair_index_at);
+  int32_t* sorted_pairs = carve<int32_t>(scratch, sorted_pairs_at);
+  uint32_t* sorted_experts = carve<uint32_t>(scratch, sorted_experts_at);
+  int32_t* row_begin = carve<int32_t>(scratch, row_begin_at);
+  void* cub_storage = scratch + cub_at;
+
+  const bool vectorized = rows_aligned_16(
+      s.dim, dtype_size(in.x.dtype()),
+      {&in.x, &in.down_embed, &in.up_embed, &dy, &grads.dx, &grads.d_down, &grads.d_up});
+  dispatch(in.x.dtype(), vectorized, [&]<class T, int kVec>() {
+    const int32_t* ids = in.ids.data<int32_t>();
+    // Steps 1, 2: token-centric.
+    launch_slot_dots<T, kVec>(
+        dy.data<T>(), in.up_embed.data<T>(), ids, s,
+        BackwardDotEpilogue{in.gates.data<float>(), h.data<float>(), grads.dgates.data<float>(),
+                            pair_dh, pair_a, in.act});
+    launch_slot_sums<T, kVec>(in.down_embed.data<T>(), ids, pair_dh, s, grads.dx.data<T>());
+
+    // Step 3: pairs grouped by expert, ascending pair order within an expert.
+    if (pairs > 0) {
+      iota_kernel<<<blocks_for(pairs, 256), 256, 0, stream>>>(pair_index, pairs);
+      CUDA_CHECK_LAUNCH("iota_kernel");
+      size_t cub_bytes = sort_bytes;
+      CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
+          cub_storage, cub_bytes, reinterpret_cast<const uint32_t*>(ids), sorted_experts,
+          pair_index, sorted_pairs, pairs, 0, key_bits, stream));
+    }
+
+    // Step 4: output rows and their pair ranges.
+    if (dense) {
+      dense_row_begin_kernel<<<blocks_for(out_rows + 1, 256), 256, 0, stream>>>(
+          sorted_experts, pairs, out_rows, row_begin);
+      CUDA_CHECK_LAUNCH("dense_row_begin_kernel");
+    } else if (out_rows > 0) {
+      int32_t* is_run_start = carve<int32_t>(scratch, is_run_start_at);
+      int32_t* run_index = carve<int32_t>(scratch, run_index_at);
+      mark_run_starts_kernel<<<blocks_for(pairs + 1, 256), 256, 0, stream>>>(sorted_experts, pairs,
+                                                                             is_run_start);
+      CUDA_CHECK_LAUNCH("mark_run_starts_kernel");
+      size_t cub_bytes = scan_bytes;
+      CUDA_CHECK(cub::DeviceScan::ExclusiveSum(cub_storage, cub_bytes, is_run_start, run_index,
+                                               pairs + 1, stream));
+      sparse_rows_kernel<<<blocks_for(std::max<int64_t>(pairs, out_rows + 1), 256), 256, 0,
+                           stream>>>(sorted_experts, is_run_start, run_index, pairs, out_rows,
+                                     grads.rows.data<int32_t>(), row_begin);
+      CUDA_CHECK_LAUNCH("sparse_rows_kernel");
+    }
+
+    // Step 5: expert-centric gradient rows.
+    if (out_rows > 0) {
+      expert_grad_kernel<T, kVec>
+          <<<static_cast<unsigned>(out_rows), row_threads(s.dim / kVec), 0, stream>>>(
+              row_begin, sorted_pairs, pair_dh, pair_a, in.x.data<T>(), dy.data<T>(), s.slots,
+              s.dim, grads.d_down.data<float>(), grads.d_up.data<float>());
+      CUDA_CHECK_LAUNCH("expert_grad_kernel");
+    }
+  });
+}
+
 }  // namespace flashmoe::detail

@@ -1,0 +1,358 @@
+// Device kernels of the single-neuron experts. The math is in kernels/experts.h;
+// the algorithm, the launches and the scratch memory are in kernels/experts.cu.
+//
+// Rows are read in chunks of kVec elements: kVec = 16 / sizeof(T) (one 16-byte
+// load) when every row starts on a 16-byte boundary, else kVec = 1 (any D).
+// Every sum runs in an order fixed by the shapes alone, never by timing.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "core/bf16.h"
+#include "kernels/activation.h"
+
+namespace flashmoe::detail::experts_gpu {
+
+constexpr int kWarp = 32;
+
+// How a row load is cached: a token's own row is re-read by the warps of its block
+// and stays in L1; rows gathered from the tables or by token go through L2 only.
+enum class Cache { l1, l2_only };
+
+// kVec elements of a row (fp32 or bf16), widened to float.
+template <class T, int kVec, Cache kCache>
+__device__ __forceinline__ void load_floats(const T* src, float (&out)[kVec]) {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, bf16>);
+  if constexpr (sizeof(T) * kVec == 16) {
+    const uint4* p = reinterpret_cast<const uint4*>(src);
+    const uint4 raw = kCache == Cache::l2_only ? __ldcg(p) : __ldg(p);
+    const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      if constexpr (std::is_same_v<T, float>) {
+        out[i] = __uint_as_float(words[i]);
+      } else {  // two bf16 per word, the lower address in the low half
+        out[2 * i] = __uint_as_float(words[i] << 16);
+        out[2 * i + 1] = __uint_as_float(words[i] & 0xffff0000u);
+      }
+    }
+  } else {
+    static_assert(kVec == 1, "rows are read in 16-byte chunks or one element at a time");
+    if constexpr (std::is_same_v<T, float>) {
+      out[0] = kCache == Cache::l2_only ? __ldcg(src) : __ldg(src);
+    } else {
+      const auto* p = reinterpret_cast<const unsigned short*>(src);
+      out[0] = to_float(bf16{kCache == Cache::l2_only ? __ldcg(p) : __ldg(p)});
+    }
+  }
+}
+
+// kVec floats stored as T (bf16 rounds to nearest even, like the CPU backend).
+template <class T, int kVec>
+__device__ __forceinline__ void store_floats(T* dst, const float (&v)[kVec]) {
+  if constexpr (sizeof(T) * kVec == 16) {
+    uint32_t words[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      if constexpr (std::is_same_v<T, float>) {
+        words[i] = __float_as_uint(v[i]);
+      } else {
+        words[i] = uint32_t(to_bf16(v[2 * i]).bits) | (uint32_t(to_bf16(v[2 * i + 1]).bits) << 16);
+      }
+    }
+    *reinterpret_cast<uint4*>(dst) = make_uint4(words[0], words[1], words[2], words[3]);
+  } else {
+    static_assert(kVec == 1, "rows are written in 16-byte chunks or one element at a time");
+    if constexpr (std::is_same_v<T, float>) {
+      dst[0] = v[0];
+    } else {
+      dst[0] = to_bf16(v[0]);
+    }
+  }
+}
+
+// kVec fp32 gradients, written once and not read back soon: streaming stores keep
+// them from evicting the rows that are still being gathered from L2.
+template <int kVec>
+__device__ __forceinline__ void store_gradient(float* dst, const float (&v)[kVec]) {
+  if constexpr (kVec % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < kVec; i += 4) {
+      __stcs(reinterpret_cast<float4*>(dst + i), make_float4(v[i], v[i + 1], v[i + 2], v[i + 3]));
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) __stcs(dst + i, v[i]);
+  }
+}
+
+// Sum over the warp by a fixed butterfly: every lane gets the same, repeatable value.
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset /= 2)
+    v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// ---------------------------------------------------------------------------------
+// Per (token, slot) dot products: dot[t][s] = <token_rows[t], table[ids[t][s]]>.
+
+constexpr int kDotWarps = 4;
+constexpr int kDotRowsPerWarp = 4;
+constexpr int kDotSlotsPerBlock = kDotWarps * kDotRowsPerWarp;
+
+// Forward: h = dot, and the coefficient of up_embed[e] in y[t], act(h) * g.
+struct ForwardDotEpilogue {
+  const float* gates;
+  float* h;
+  float* coef;
+  Activation act;
+  __device__ void operator()(int64_t pair, float dot) const {
+    h[pair] = dot;
+    coef[pair] = activate(act, dot) * gates[pair];
+  }
+};
+
+// Backward: z = dot = <dy[t], up[e]>; dgates = act(h) z; dh = z g act'(h) (the
+// coefficient of down_embed[e] in dx[t] and of x[t] in d_down[e]); a = act(h) g
+// (the coefficient of dy[t] in d_up[e]).
+struct BackwardDotEpilogue {
+  const float* gates;
+  const float* h;
+  float* dgates;
+  float* pair_dh;
+  float* pair_a;
+  Activation act;
+  __device__ void operator()(int64_t pair, float z) const {
+    const float pre = h[pair], g = gates[pair], activated = activate(act, pre);
+    dgates[pair] = activated * z;
+    pair_dh[pair] = z * g * activate_grad(act, pre);
+    pair_a[pair] = activated * g;
+  }
+};
+
+// Block (token t = blockIdx.x, slots [16 * blockIdx.y, +16)); warp w takes 4
+// consecutive slots and its lanes stride over the chunks of the rows, so each lane
+// has the token chunk and 4 table chunks in flight. Lane partial sums are combined
+// by warp_sum, then one lane per slot hands the dot to the epilogue.
+template <class T, int kVec, class Epilogue>
+__global__ void __launch_bounds__(kDotWarps* kWarp)
+    slot_dot_kernel(const T* __restrict__ token_rows, const T* __restrict__ table,
+                    const int32_t* __restrict__ ids, int64_t slots, int64_t dim,
+                    Epilogue epilogue) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t first_slot =
+      int64_t(blockIdx.y) * kDotSlotsPerBlock + (threadIdx.x / kWarp) * kDotRowsPerWarp;
+  if (first_slot >= slots) return;  // whole warps leave; the kernel has no block barrier
+  const int64_t token = blockIdx.x;
+  const T* rows[kDotRowsPerWarp];
+#pragma unroll
+  for (int r = 0; r < kDotRowsPerWarp; ++r) {
+    // Past the last slot the warp re-reads the last row and drops its dot: the loop
+    // below stays free of per-row branches.
+    const int64_t slot = min(first_slot + r, slots - 1);
+    rows[r] = table + int64_t(ids[token * slots + slot]) * dim;
+  }
+  const T* token_row = token_rows + token * dim;
+  const int chunks = int(dim / kVec);
+  float partial[kDotRowsPerWarp] = {};
+  for (int c = lane; c < chunks; c += kWarp) {
+    const int64_t at = int64_t(c) * kVec;
+    float token_chunk[kVec];
+    float row_chunk[kDotRowsPerWarp][kVec];
+    load_floats<T, kVec, Cache::l1>(token_row + at, token_chunk);
+#pragma unroll
+    for (int r = 0; r < kDotRowsPerWarp; ++r) {
+      load_floats<T, kVec, Cache::l2_only>(rows[r] + at, row_chunk[r]);
+    }
+#pragma unroll
+    for (int r = 0; r < kDotRowsPerWarp; ++r) {
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) partial[r] = fmaf(token_chunk[i], row_chunk[r][i], partial[r]);
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kDotRowsPerWarp; ++r) {
+    const float dot = warp_sum(partial[r]);
+    if (lane == r && first_slot + r < slots) epilogue(token * slots + first_slot + r, dot);
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// Weighted row sums: out = sum_i coef[i] * rows[offset[i]], i ascending.
+
+constexpr int kRowsInFlight = 8;
+
+// Adds coef[i] * column[offset[i] + 0..kVec) for i in [0, n), in ascending i, with
+// kRowsInFlight loads issued before their sums.
+template <class T, int kVec>
+__device__ __forceinline__ void accumulate_rows(const T* column, const int64_t* offset,
+                                                const float* coef, int n, float (&acc)[kVec]) {
+  int i = 0;
+  for (; i + kRowsInFlight <= n; i += kRowsInFlight) {
+    float rows[kRowsInFlight][kVec];
+#pragma unroll
+    for (int r = 0; r < kRowsInFlight; ++r) {
+      load_floats<T, kVec, Cache::l2_only>(column + offset[i + r], rows[r]);
+    }
+#pragma unroll
+    for (int r = 0; r < kRowsInFlight; ++r) {
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) acc[k] = fmaf(coef[i + r], rows[r][k], acc[k]);
+    }
+  }
+  for (; i < n; ++i) {
+    float row[kVec];
+    load_floats<T, kVec, Cache::l2_only>(column + offset[i], row);
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) acc[k] = fmaf(coef[i], row[k], acc[k]);
+  }
+}
+
+constexpr int kSlotTile = 256;
+
+// out[t] = sum_s coef[t][s] * table[ids[t][s]] for token t = blockIdx.x, s ascending
+// (y in the forward pass, dx in the backward pass). Thread j owns chunks j,
+// j + blockDim, ... of the row; the token's row offsets and coefficients are staged
+// in shared memory kSlotTile slots at a time.
+template <class T, int kVec>
+__global__ void slot_sum_kernel(const T* __restrict__ table, const int32_t* __restrict__ ids,
+                                const float* __restrict__ coef, int64_t slots, int64_t dim,
+                                T* __restrict__ out) {
+  __shared__ int64_t tile_offset[kSlotTile];
+  __shared__ float tile_coef[kSlotTile];
+  const int64_t token = blockIdx.x;
+  const int64_t chunks = dim / kVec;
+  for (int64_t first_chunk = 0; first_chunk < chunks; first_chunk += blockDim.x) {
+    const int64_t at = (first_chunk + threadIdx.x) * kVec;
+    const bool active = first_chunk + threadIdx.x < chunks;
+    float acc[kVec] = {};
+    for (int64_t first_slot = 0; first_slot < slots; first_slot += kSlotTile) {
+      const int n = int(min(int64_t(kSlotTile), slots - first_slot));
+      __syncthreads();  // the previous tile is consumed
+      for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const int64_t pair = token * slots + first_slot + i;
+        tile_offset[i] = int64_t(ids[pair]) * dim;
+        tile_coef[i] = coef[pair];
+      }
+      __syncthreads();
+      if (active) accumulate_rows<T, kVec>(table + at, tile_offset, tile_coef, n, acc);
+    }
+    if (active) store_floats<T, kVec>(out + token * dim + at, acc);
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// Expert gradients: one block per output row r, whose (token, slot) pairs are
+// sorted_pairs[row_begin[r] .. row_begin[r + 1]) in ascending pair order:
+//   d_down[r] = sum dh[pair] * x[token],  d_up[r] = sum a[pair] * dy[token].
+// A row without pairs is written zero.
+
+constexpr int kPairTile = 256;
+
+template <class T, int kVec>
+__global__ void expert_grad_kernel(const int32_t* __restrict__ row_begin,
+                                   const int32_t* __restrict__ sorted_pairs,
+                                   const float* __restrict__ pair_dh,
+                                   const float* __restrict__ pair_a, const T* __restrict__ x,
+                                   const T* __restrict__ dy, int64_t slots, int64_t dim,
+                                   float* __restrict__ d_down, float* __restrict__ d_up) {
+  __shared__ int64_t tile_offset[kPairTile];
+  __shared__ float tile_dh[kPairTile];
+  __shared__ float tile_a[kPairTile];
+  const int64_t row = blockIdx.x;
+  const int begin = row_begin[row], end = row_begin[row + 1];
+  const int64_t chunks = dim / kVec;
+  for (int64_t first_chunk = 0; first_chunk < chunks; first_chunk += blockDim.x) {
+    const int64_t at = (first_chunk + threadIdx.x) * kVec;
+    const bool active = first_chunk + threadIdx.x < chunks;
+    float acc_down[kVec] = {};
+    float acc_up[kVec] = {};
+    for (int first = begin; first < end; first += kPairTile) {
+      const int n = min(kPairTile, end - first);
+      __syncthreads();  // the previous tile is consumed
+      for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const int32_t pair = sorted_pairs[first + i];
+        tile_offset[i] = int64_t(pair / slots) * dim;
+        tile_dh[i] = pair_dh[pair];
+        tile_a[i] = pair_a[pair];
+      }
+      __syncthreads();
+      if (active) {
+        accumulate_rows<T, kVec>(x + at, tile_offset, tile_dh, n, acc_down);
+        accumulate_rows<T, kVec>(dy + at, tile_offset, tile_a, n, acc_up);
+      }
+    }
+    if (active) {
+      store_gradient<kVec>(d_down + row * dim + at, acc_down);
+      store_gradient<kVec>(d_up + row * dim + at, acc_up);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// Small kernels: id validation, grouping of pairs by expert.
+
+// first_bad = the smallest position whose id is outside [0, experts) (integer
+// atomicMin: the result does not depend on the order).
+__global__ void find_bad_id_kernel(const int32_t* __restrict__ ids, int64_t count, int64_t experts,
+                                   unsigned long long* first_bad) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < count && (ids[i] < 0 || ids[i] >= experts)) atomicMin(first_bad, (unsigned long long)i);
+}
+
+__global__ void iota_kernel(int32_t* __restrict__ values, int32_t count) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < count) values[i] = int32_t(i);
+}
+
+// Dense layout: row_begin[e] = first position of expert e among the sorted pair
+// experts (lower bound), for e in [0, experts]; rows of untouched experts are empty.
+__global__ void dense_row_begin_kernel(const uint32_t* __restrict__ sorted_experts, int32_t pairs,
+                                       int64_t experts, int32_t* __restrict__ row_begin) {
+  const int64_t expert = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (expert > experts) return;
+  int32_t lo = 0, hi = pairs;
+  while (lo < hi) {
+    const int32_t mid = lo + (hi - lo) / 2;
+    if (int64_t(sorted_experts[mid]) < expert) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  row_begin[expert] = lo;
+}
+
+// Row-sparse layout, step 1: is_run_start[i] = 1 where a new expert starts in the
+// sorted order, for i < pairs; is_run_start[pairs] = 0, so that the exclusive scan
+// over pairs + 1 entries ends with the number of runs.
+__global__ void mark_run_starts_kernel(const uint32_t* __restrict__ sorted_experts, int32_t pairs,
+                                       int32_t* __restrict__ is_run_start) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i > pairs) return;
+  is_run_start[i] = i < pairs && (i == 0 || sorted_experts[i] != sorted_experts[i - 1]);
+}
+
+// Row-sparse layout, step 2 (after run_index = exclusive scan of is_run_start): run r
+// becomes output row r, rows[r] = its expert and row_begin[r] = its first position;
+// rows past the last run get rows = -1 and an empty range (row_begin = pairs).
+// Thread i handles position i (i < pairs) and output row i (i <= out_rows).
+__global__ void sparse_rows_kernel(const uint32_t* __restrict__ sorted_experts,
+                                   const int32_t* __restrict__ is_run_start,
+                                   const int32_t* __restrict__ run_index, int32_t pairs,
+                                   int64_t out_rows, int32_t* __restrict__ rows,
+                                   int32_t* __restrict__ row_begin) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < pairs && is_run_start[i]) {
+    rows[run_index[i]] = int32_t(sorted_experts[i]);
+    row_begin[run_index[i]] = int32_t(i);
+  }
+  if (i <= out_rows && i >= run_index[pairs]) {
+    row_begin[i] = pairs;
+    if (i < out_rows) rows[i] = -1;
+  }
+}
+
+}  // namespace flashmoe::detail::experts_gpu

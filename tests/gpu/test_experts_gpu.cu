@@ -1,0 +1,402 @@
+// The CUDA experts against the CPU backend (the same public functions on host
+// copies of the tensors), on fresh random inputs over many shapes; bitwise
+// repeatability; bad input. DISABLED_ExpertsGpuTiming prints timings of the
+// benchmark shapes (run it with --gtest_also_run_disabled_tests).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "core/philox.h"
+#include "core/stream.h"
+#include "core/tensor.h"
+#include "kernels/experts.h"
+#include "tests/test_util.h"
+
+namespace flashmoe {
+namespace {
+
+using test::relative_error;
+
+template <class T>
+__global__ void fill_uniform_kernel(T* out, int64_t n, uint64_t seed, float lo, float hi) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const float v = philox_uniform(seed, 0, uint64_t(i), lo, hi);
+  if constexpr (std::is_same_v<T, float>) {
+    out[i] = v;
+  } else {
+    out[i] = to_bf16(v);
+  }
+}
+
+// A device tensor of uniform values in [lo, hi), drawn on the GPU (fast for the
+// billion-element tables of the timing shapes).
+Tensor random_tensor(const Shape& shape, DType dtype, uint64_t seed, float lo, float hi) {
+  Tensor t = Tensor::empty(shape, dtype, Device::cuda);
+  const int64_t n = t.numel();
+  if (n == 0) return t;
+  const unsigned blocks = static_cast<unsigned>((n + 255) / 256);
+  if (dtype == DType::f32) {
+    fill_uniform_kernel<<<blocks, 256, 0, current_stream()>>>(t.data<float>(), n, seed, lo, hi);
+  } else {
+    fill_uniform_kernel<<<blocks, 256, 0, current_stream()>>>(t.data<bf16>(), n, seed, lo, hi);
+  }
+  CUDA_CHECK_LAUNCH("fill_uniform_kernel");
+  return t;
+}
+
+enum class IdPattern {
+  repeats,  // half the ids from 8 hot experts, half uniform: repeats within and across tokens
+  skewed,   // every id from 3 experts
+};
+
+Tensor random_ids(int64_t tokens, int64_t slots, int64_t experts, IdPattern pattern,
+                  uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_int_distribution<int32_t> any(0, static_cast<int32_t>(experts - 1));
+  std::vector<int32_t> hot(pattern == IdPattern::skewed ? 3 : 8);
+  for (int32_t& e : hot) e = any(rng);
+  std::uniform_int_distribution<size_t> pick(0, hot.size() - 1);
+  std::vector<int32_t> ids(tokens * slots);
+  for (int32_t& id : ids) {
+    id = pattern == IdPattern::skewed || rng() % 2 ? hot[pick(rng)] : any(rng);
+  }
+  return Tensor::from_vector(ids, {tokens, slots}, Device::cuda);
+}
+
+ExpertInputs random_inputs(int64_t T, int64_t D, int64_t E, int64_t S, DType dtype, Activation act,
+                           IdPattern pattern, uint64_t seed) {
+  const float scale = std::sqrt(3.0f / static_cast<float>(D));  // keeps h of order 1
+  ExpertInputs in;
+  in.x = random_tensor({T, D}, dtype, seed + 1, -1.0f, 1.0f);
+  in.down_embed = random_tensor({E, D}, dtype, seed + 2, -2 * scale, 2 * scale);
+  in.up_embed = random_tensor({E, D}, dtype, seed + 3, -scale, scale);
+  in.ids = random_ids(T, S, E, pattern, static_cast<uint32_t>(seed));
+  in.gates = random_tensor({T, S}, DType::f32, seed + 4, 0.0f, 1.0f);
+  in.act = act;
+  return in;
+}
+
+ExpertInputs to_host(const ExpertInputs& in) {
+  ExpertInputs host = in;
+  host.x = in.x.to(Device::cpu);
+  host.down_embed = in.down_embed.to(Device::cpu);
+  host.up_embed = in.up_embed.to(Device::cpu);
+  host.ids = in.ids.to(Device::cpu);
+  host.gates = in.gates.to(Device::cpu);
+  return host;
+}
+
+// A device output with every byte set to `byte`: unwritten elements stay NaN (0xFF in
+// floats) or an impossible row index (0x7F in int32 rows).
+Tensor poisoned(const Shape& shape, DType dtype, uint8_t byte = 0xFF) {
+  Tensor t = Tensor::empty(shape, dtype, Device::cuda);
+  t.fill_bytes(byte);
+  return t;
+}
+
+ExpertGrads poisoned_grads(const ExpertInputs& in, GradLayout layout) {
+  const int64_t D = in.x.size(1), E = in.down_embed.size(0);
+  const int64_t rows = layout == GradLayout::dense ? E : std::min(E, in.ids.numel());
+  ExpertGrads g;
+  g.dx = poisoned(in.x.shape(), in.x.dtype());
+  g.dgates = poisoned(in.ids.shape(), DType::f32);
+  g.d_down = poisoned({rows, D}, DType::f32);
+  g.d_up = poisoned({rows, D}, DType::f32);
+  if (layout == GradLayout::row_sparse) g.rows = poisoned({rows}, DType::i32, 0x7F);
+  return g;
+}
+
+std::vector<uint8_t> bytes_of(const Tensor& t) {
+  const Tensor host = t.to(Device::cpu);
+  const auto* p = static_cast<const uint8_t*>(host.raw());
+  return std::vector<uint8_t>(p, p + host.nbytes());
+}
+
+struct Case {
+  int64_t T, D, E, S;
+  DType dtype;
+  Activation act;
+  IdPattern ids;
+};
+
+std::string case_name(const testing::TestParamInfo<Case>& info) {
+  const Case& c = info.param;
+  const char* acts[] = {"silu", "gelu", "relu"};
+  return "T" + std::to_string(c.T) + "_D" + std::to_string(c.D) + "_E" + std::to_string(c.E) +
+         "_S" + std::to_string(c.S) + "_" + dtype_name(c.dtype) + "_" +
+         acts[static_cast<int>(c.act)] + (c.ids == IdPattern::skewed ? "_skewed" : "");
+}
+
+class ExpertsGpuMatchesCpu : public testing::TestWithParam<Case> {};
+
+// Every output of forward and backward (dense and row-sparse) against the CPU backend.
+// Outputs rounded to bf16 get 1e-2; fp32 outputs (h, dgates, table gradients) 1e-5,
+// since the CPU backend widens the same bf16 inputs to float.
+TEST_P(ExpertsGpuMatchesCpu, EveryOutput) {
+  FLASHMOE_REQUIRE_GPU();
+  const Case c = GetParam();
+  const ExpertInputs gpu =
+      random_inputs(c.T, c.D, c.E, c.S, c.dtype, c.act, c.ids, 1000 * c.T + 7 * c.D + c.S);
+  const ExpertInputs cpu = to_host(gpu);
+  const double rounded_tol = c.dtype == DType::bf16 ? 1e-2 : 1e-5;
+  const double fp32_tol = 1e-5;
+
+  Tensor y = poisoned({c.T, c.D}, c.dtype), h = poisoned({c.T, c.S}, DType::f32);
+  experts_forward(gpu, y, h);
+  Tensor y_ref, h_ref;
+  experts_forward(cpu, y_ref, h_ref);
+  EXPECT_LT(relative_error(y, y_ref), rounded_tol);
+  EXPECT_LT(relative_error(h, h_ref), fp32_tol);
+
+  // Both backends get the GPU's h, so that they differ by the backward pass alone.
+  const Tensor h_host = h.to(Device::cpu);
+  const Tensor dy = random_tensor({c.T, c.D}, c.dtype, 99 + c.T, -1.0f, 1.0f);
+  const Tensor dy_host = dy.to(Device::cpu);
+  for (GradLayout layout : {GradLayout::dense, GradLayout::row_sparse}) {
+    SCOPED_TRACE(layout == GradLayout::dense ? "dense" : "row_sparse");
+    ExpertGrads grads = poisoned_grads(gpu, layout);
+    experts_backward(gpu, h, dy, layout, grads);
+    ExpertGrads ref;
+    experts_backward(cpu, h_host, dy_host, layout, ref);
+    EXPECT_LT(relative_error(grads.dx, ref.dx), rounded_tol);
+    EXPECT_LT(relative_error(grads.dgates, ref.dgates), fp32_tol);
+    EXPECT_LT(relative_error(grads.d_down, ref.d_down), fp32_tol);
+    EXPECT_LT(relative_error(grads.d_up, ref.d_up), fp32_tol);
+    if (layout == GradLayout::row_sparse) {
+      EXPECT_EQ(grads.rows.to_vector<int32_t>(), ref.rows.to_vector<int32_t>());
+    }
+  }
+}
+
+constexpr DType f32 = DType::f32, bf = DType::bf16;
+constexpr Activation silu = Activation::silu, gelu = Activation::gelu, relu = Activation::relu;
+constexpr IdPattern rep = IdPattern::repeats, skew = IdPattern::skewed;
+
+INSTANTIATE_TEST_SUITE_P(
+    ExpertsGpu, ExpertsGpuMatchesCpu,
+    testing::Values(
+        Case{1, 64, 64, 1, f32, silu, rep}, Case{7, 64, 64, 8, f32, gelu, rep},
+        Case{333, 768, 4096, 16, f32, silu, rep}, Case{1000, 1024, 16384, 64, f32, silu, rep},
+        Case{7, 100, 4096, 512, f32, relu, rep},  // odd D: element-wise rows
+        Case{333, 100, 102400, 8, f32, gelu, rep}, Case{1000, 64, 102400, 64, f32, silu, rep},
+        Case{1, 1024, 64, 512, f32, silu, rep},  // S > E: repeats in a token
+        Case{333, 1, 64, 16, f32, silu, rep}, Case{1000, 768, 16384, 1, f32, relu, rep},
+        Case{1000, 1000, 4096, 8, f32, gelu, rep}, Case{1, 64, 64, 1, bf, silu, rep},
+        Case{7, 768, 16384, 512, bf, gelu, rep}, Case{333, 1024, 16384, 64, bf, silu, rep},
+        Case{1000, 1024, 4096, 16, bf, silu, rep}, Case{1000, 64, 102400, 64, bf, relu, rep},
+        Case{333, 100, 4096, 8, bf, silu, rep}, Case{7, 1024, 4096, 512, bf, silu, rep},
+        Case{1000, 1000, 64, 16, bf, gelu, rep}, Case{1000, 100, 16384, 64, bf, silu, rep},
+        Case{1000, 1024, 16384, 64, bf, silu, skew}, Case{333, 64, 102400, 16, f32, silu, skew},
+        Case{333, 768, 4096, 512, bf, relu, skew}),
+    case_name);
+
+// Two runs on the same inputs give the same bytes in every output.
+TEST(ExpertsGpu, BitwiseRepeatable) {
+  FLASHMOE_REQUIRE_GPU();
+  for (IdPattern pattern : {IdPattern::repeats, IdPattern::skewed}) {
+    const ExpertInputs in =
+        random_inputs(1000, 1024, 4096, 64, DType::bf16, Activation::silu, pattern, 42);
+    const Tensor dy = random_tensor({1000, 1024}, DType::bf16, 43, -1.0f, 1.0f);
+    std::vector<std::vector<uint8_t>> first;
+    for (int run = 0; run < 2; ++run) {
+      Tensor y = poisoned({1000, 1024}, DType::bf16), h = poisoned({1000, 64}, DType::f32);
+      experts_forward(in, y, h);
+      ExpertGrads dense = poisoned_grads(in, GradLayout::dense);
+      experts_backward(in, h, dy, GradLayout::dense, dense);
+      ExpertGrads sparse = poisoned_grads(in, GradLayout::row_sparse);
+      experts_backward(in, h, dy, GradLayout::row_sparse, sparse);
+      const std::vector<const Tensor*> outputs = {
+          &y,          &h,           &dense.dx,      &dense.dgates, &dense.d_down,
+          &dense.d_up, &sparse.rows, &sparse.d_down, &sparse.d_up};
+      for (size_t i = 0; i < outputs.size(); ++i) {
+        if (run == 0) {
+          first.push_back(bytes_of(*outputs[i]));
+        } else {
+          EXPECT_TRUE(bytes_of(*outputs[i]) == first[i]) << "output " << i << " changed";
+        }
+      }
+    }
+  }
+}
+
+template <class Fn>
+std::string error_of(Fn fn) {
+  try {
+    fn();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "no error";
+}
+
+TEST(ExpertsGpu, OutOfRangeIdIsAClearError) {
+  FLASHMOE_REQUIRE_GPU();
+  ExpertInputs in =
+      random_inputs(50, 64, 4096, 8, DType::f32, Activation::silu, IdPattern::repeats, 5);
+  const Tensor dy = random_tensor({50, 64}, DType::f32, 6, -1.0f, 1.0f);
+  for (int32_t bad : {4096, -1, 1 << 30}) {
+    std::vector<int32_t> ids = in.ids.to_vector<int32_t>();
+    ids[123] = bad;  // token 15, slot 3
+    ids[300] = bad;  // later: the first one is reported
+    in.ids = Tensor::from_vector(ids, {50, 8}, Device::cuda);
+    Tensor y, h;
+    const std::string forward = error_of([&] { experts_forward(in, y, h); });
+    EXPECT_NE(
+        forward.find("expert id " + std::to_string(bad) + " at position 123 (token 15, slot 3)"),
+        std::string::npos)
+        << forward;
+    EXPECT_NE(forward.find("E = 4096"), std::string::npos) << forward;
+    h = random_tensor({50, 8}, DType::f32, 7, -1.0f, 1.0f);
+    ExpertGrads grads;
+    const std::string backward =
+        error_of([&] { experts_backward(in, h, dy, GradLayout::row_sparse, grads); });
+    EXPECT_NE(backward.find("expert id " + std::to_string(bad)), std::string::npos) << backward;
+  }
+  // The device is still usable after the errors.
+  in.ids = random_ids(50, 8, 4096, IdPattern::repeats, 8);
+  Tensor y, h;
+  experts_forward(in, y, h);
+  EXPECT_EQ(y.device(), Device::cuda);
+}
+
+TEST(ExpertsGpu, WrongDtypeOrDeviceIsAnErrorBeforeLaunch) {
+  FLASHMOE_REQUIRE_GPU();
+  const ExpertInputs good =
+      random_inputs(10, 64, 64, 4, DType::bf16, Activation::silu, IdPattern::repeats, 9);
+  Tensor y, h;
+  ExpertInputs bf16_gates = good;
+  bf16_gates.gates = good.gates.to(DType::bf16);
+  EXPECT_NE(error_of([&] { experts_forward(bf16_gates, y, h); }).find("gates has dtype bf16"),
+            std::string::npos);
+  ExpertInputs mixed_tables = good;
+  mixed_tables.up_embed = good.up_embed.to(DType::f32);
+  EXPECT_NE(error_of([&] { experts_forward(mixed_tables, y, h); }).find("up_embed has dtype fp32"),
+            std::string::npos);
+  ExpertInputs host_ids = good;
+  host_ids.ids = good.ids.to(Device::cpu);
+  EXPECT_NE(error_of([&] { experts_forward(host_ids, y, h); }).find("expert ids is on cpu"),
+            std::string::npos);
+  experts_forward(good, y, h);
+  ExpertGrads grads;
+  const Tensor host_dy = random_tensor({10, 64}, DType::bf16, 10, -1.0f, 1.0f).to(Device::cpu);
+  EXPECT_NE(error_of([&] {
+              experts_backward(good, h, host_dy, GradLayout::dense, grads);
+            }).find("dy is on cpu"),
+            std::string::npos);
+}
+
+// ---------------------------------------------------------------------------------
+// Timings of the benchmark shapes (bf16); prints, asserts nothing.
+
+struct TimingShape {
+  const char* name;
+  int64_t T, D, E, S;
+};
+
+float median(std::vector<float> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+// Median milliseconds of `op(set)` over `reps` runs after 3 warm-ups, rotating the
+// input set each run so that caches don't carry a set from one run to the next.
+template <class Op>
+float time_ms(int sets, int reps, Op op) {
+  cudaEvent_t start, stop;
+  CUDA_CHECK(cudaEventCreate(&start));
+  CUDA_CHECK(cudaEventCreate(&stop));
+  std::vector<float> ms;
+  for (int run = 0; run < 3 + reps; ++run) {
+    CUDA_CHECK(cudaEventRecord(start, current_stream()));
+    op(run % sets);
+    CUDA_CHECK(cudaEventRecord(stop, current_stream()));
+    CUDA_CHECK(cudaEventSynchronize(stop));
+    float elapsed = 0;
+    CUDA_CHECK(cudaEventElapsedTime(&elapsed, start, stop));
+    if (run >= 3) ms.push_back(elapsed);
+  }
+  CUDA_CHECK(cudaEventDestroy(start));
+  CUDA_CHECK(cudaEventDestroy(stop));
+  return median(ms);
+}
+
+TEST(ExpertsGpuTiming, DISABLED_BenchmarkShapes) {
+  FLASHMOE_REQUIRE_GPU();
+  cudaDeviceProp prop{};
+  CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  {
+    const size_t bytes = size_t(1) << 30;
+    Tensor a = Tensor::empty({int64_t(bytes / 4)}, DType::f32, Device::cuda);
+    Tensor b = Tensor::empty({int64_t(bytes / 4)}, DType::f32, Device::cuda);
+    a.fill_bytes(1);
+    const float ms = time_ms(1, 20, [&](int) { b.copy_from(a); });
+    std::printf("%s, %d SMs, L2 %d MB; device-to-device copy %.0f GB/s (read + write)\n", prop.name,
+                prop.multiProcessorCount, prop.l2CacheSize >> 20, 2 * bytes / ms / 1e6);
+  }
+  for (const TimingShape& shape : {TimingShape{"quickstart", 4096, 1024, 16384, 64},
+                                   TimingShape{"peer-1m", 4096, 1024, 1 << 20, 128}}) {
+    const int sets = 3, reps = 25;
+    const int64_t T = shape.T, D = shape.D, E = shape.E, S = shape.S;
+    std::vector<ExpertInputs> in;
+    std::vector<Tensor> dy;
+    for (int i = 0; i < sets; ++i) {
+      ExpertInputs set =
+          random_inputs(T, D, E, S, DType::bf16, Activation::silu, IdPattern::repeats, 100 * i);
+      set.ids = Tensor::from_vector(
+          [&] {  // uniform ids, as a router over many experts gives
+            std::mt19937 rng(i);
+            std::vector<int32_t> ids(T * S);
+            for (int32_t& id : ids) id = static_cast<int32_t>(rng() % E);
+            return ids;
+          }(),
+          {T, S}, Device::cuda);
+      set.validate_ids = false;
+      in.push_back(set);
+      dy.push_back(random_tensor({T, D}, DType::bf16, 100 * i + 50, -1.0f, 1.0f));
+    }
+    Tensor y, h;
+    ExpertGrads dense, sparse;
+    const float fwd = time_ms(sets, reps, [&](int i) { experts_forward(in[i], y, h); });
+    const float bwd_sparse = time_ms(sets, reps, [&](int i) {
+      experts_backward(in[i], h, dy[i], GradLayout::row_sparse, sparse);
+    });
+    const float both_sparse = time_ms(sets, reps, [&](int i) {
+      experts_forward(in[i], y, h);
+      experts_backward(in[i], h, dy[i], GradLayout::row_sparse, sparse);
+    });
+    const float bwd_dense = time_ms(
+        sets, reps, [&](int i) { experts_backward(in[i], h, dy[i], GradLayout::dense, dense); });
+    const float both_dense = time_ms(sets, reps, [&](int i) {
+      experts_forward(in[i], y, h);
+      experts_backward(in[i], h, dy[i], GradLayout::dense, dense);
+    });
+    // Gathered rows: 2 per pair forward (down, up), 4 backward (up, down, x, dy);
+    // gradient rows written: 2 * rows * D fp32.
+    const double row = double(D) * 2, pairs = double(T * S);
+    const double fwd_gb = 2 * pairs * row / 1e9;
+    const double bwd_gb = 4 * pairs * row / 1e9;
+    const double sparse_out_gb = 2.0 * std::min(E, T * S) * D * 4 / 1e9;
+    const double dense_out_gb = 2.0 * E * D * 4 / 1e9;
+    std::printf(
+        "%-10s T=%lld D=%lld E=%lld S=%lld bf16\n"
+        "  forward              %7.3f ms  (%.2f GB gathered: %.0f GB/s)\n"
+        "  backward row-sparse  %7.3f ms  (%.2f GB gathered + %.2f GB written: %.0f GB/s)\n"
+        "  backward dense       %7.3f ms  (%.2f GB gathered + %.2f GB written: %.0f GB/s)\n"
+        "  fwd+bwd row-sparse   %7.3f ms\n"
+        "  fwd+bwd dense        %7.3f ms\n",
+        shape.name, (long long)T, (long long)D, (long long)E, (long long)S, fwd, fwd_gb,
+        fwd_gb / fwd * 1e3, bwd_sparse, bwd_gb, sparse_out_gb,
+        (bwd_gb + sparse_out_gb) / bwd_sparse * 1e3, bwd_dense, bwd_gb, dense_out_gb,
+        (bwd_gb + dense_out_gb) / bwd_dense * 1e3, both_sparse, both_dense);
+  }
+}
+
+}  // namespace
+}  // namespace flashmoe
