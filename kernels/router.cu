@@ -167,7 +167,7 @@ void router_backward_cuda(const Tensor& logits, const RouterOutputs& saved, cons
   shape.rows = T * H;
   shape.num_keys = static_cast<int>(N);
   shape.top_k = static_cast<int>(K);
-  shape.sort_capacity = next_pow2(2 * shape.top_k);
+  shape.sort_capacity = std::max(kWarp, next_pow2(2 * shape.top_k));  // a lane each at least
   shape.norm_topk_prob = norm_topk_prob;
   if (logits.dtype() == DType::f32) {
     launch_backward<float>(logits, saved, dgates, shape, dlogits);
