@@ -33,6 +33,9 @@ class Communicator {
   virtual void barrier() = 0;
 };
 
+// Checks an all_to_all count vector: one non-negative count per rank.
+void check_counts(const std::vector<int64_t>& counts, int world_size, const char* what);
+
 // The single-rank communicator: every collective is the identity.
 std::unique_ptr<Communicator> make_local_communicator();
 

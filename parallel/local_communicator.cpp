@@ -2,6 +2,13 @@
 
 namespace flashmoe {
 
+void check_counts(const std::vector<int64_t>& counts, int world_size, const char* what) {
+  FLASHMOE_CHECK(
+      static_cast<int>(counts.size()) == world_size,
+      what << " has " << counts.size() << " entries, expected one per rank (" << world_size << ")");
+  for (int64_t c : counts) FLASHMOE_CHECK(c >= 0, what << " holds " << c << ", expected >= 0");
+}
+
 namespace {
 class LocalCommunicator final : public Communicator {
  public:

@@ -1,0 +1,124 @@
+#include "parallel/mpi_communicator.h"
+
+#include <cstring>
+#include <vector>
+
+namespace flashmoe {
+
+MpiSession::MpiSession(int* argc, char*** argv) {
+  int initialised = 0;
+  MPI_CHECK(MPI_Initialized(&initialised));
+  if (!initialised) {
+    int provided = 0;
+    MPI_CHECK(MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided));
+    owns_ = true;
+  }
+  MPI_CHECK(MPI_Comm_rank(MPI_COMM_WORLD, &rank_));
+  MPI_CHECK(MPI_Comm_size(MPI_COMM_WORLD, &size_));
+}
+
+MpiSession::~MpiSession() {
+  if (owns_) MPI_Finalize();
+}
+
+void MpiSession::abort_job(int code) {
+  MPI_Abort(MPI_COMM_WORLD, code);
+  std::abort();  // MPI_Abort does not return; this keeps [[noreturn]] honest
+}
+
+namespace {
+
+int to_int(int64_t value, const char* what) {
+  FLASHMOE_CHECK(value >= 0 && value <= INT32_MAX,
+                 what << " is " << value << ", expected it to fit an MPI int count");
+  return static_cast<int>(value);
+}
+
+int64_t row_bytes(const Tensor& t) {
+  return t.size(0) ? static_cast<int64_t>(t.nbytes()) / t.size(0) : 0;
+}
+
+class MpiCommunicator final : public Communicator {
+ public:
+  explicit MpiCommunicator(MPI_Comm comm) : comm_(comm) {
+    MPI_CHECK(MPI_Comm_rank(comm_, &rank_));
+    MPI_CHECK(MPI_Comm_size(comm_, &size_));
+  }
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+
+  // Gathers every rank's tensor and sums them in rank order, so every rank gets the
+  // same bits whatever MPI's own reduction order would be.
+  void all_reduce_sum(Tensor& t) override {
+    expect_device(t, Device::cpu, "MPI all_reduce tensor");
+    FLASHMOE_CHECK(t.dtype() == DType::f32 || t.dtype() == DType::f64,
+                   "MPI all_reduce of " << dtype_name(t.dtype()) << ", expected fp32 or fp64");
+    const int bytes = to_int(static_cast<int64_t>(t.nbytes()), "all_reduce bytes");
+    std::vector<uint8_t> all(static_cast<size_t>(bytes) * size_);
+    MPI_CHECK(MPI_Allgather(t.raw(), bytes, MPI_BYTE, all.data(), bytes, MPI_BYTE, comm_));
+    if (t.dtype() == DType::f32) {
+      sum_in_rank_order<float>(all, t);
+    } else {
+      sum_in_rank_order<double>(all, t);
+    }
+  }
+
+  void broadcast(Tensor& t, int root) override {
+    expect_device(t, Device::cpu, "MPI broadcast tensor");
+    MPI_CHECK(MPI_Bcast(t.raw(), to_int(static_cast<int64_t>(t.nbytes()), "broadcast bytes"),
+                        MPI_BYTE, root, comm_));
+  }
+
+  void all_to_all(const Tensor& send, const std::vector<int64_t>& send_counts, Tensor& recv,
+                  const std::vector<int64_t>& recv_counts) override {
+    expect_device(send, Device::cpu, "MPI all_to_all send buffer");
+    expect_device(recv, Device::cpu, "MPI all_to_all receive buffer");
+    check_counts(send_counts, size_, "all_to_all send counts");
+    check_counts(recv_counts, size_, "all_to_all receive counts");
+    const int64_t bytes_per_row = row_bytes(send);
+    FLASHMOE_CHECK(send.size(0) == 0 || recv.size(0) == 0 || bytes_per_row == row_bytes(recv),
+                   "all_to_all buffers have rows of " << bytes_per_row << " and " << row_bytes(recv)
+                                                      << " bytes");
+    std::vector<int> scounts(size_), sdispls(size_), rcounts(size_), rdispls(size_);
+    int64_t soff = 0, roff = 0;
+    for (int p = 0; p < size_; ++p) {
+      scounts[p] = to_int(send_counts[p] * bytes_per_row, "all_to_all send bytes");
+      rcounts[p] = to_int(recv_counts[p] * bytes_per_row, "all_to_all receive bytes");
+      sdispls[p] = to_int(soff, "all_to_all send offset");
+      rdispls[p] = to_int(roff, "all_to_all receive offset");
+      soff += scounts[p];
+      roff += rcounts[p];
+    }
+    FLASHMOE_CHECK(
+        soff <= static_cast<int64_t>(send.nbytes()) && roff <= static_cast<int64_t>(recv.nbytes()),
+        "all_to_all counts exceed the buffers");
+    MPI_CHECK(MPI_Alltoallv(send.raw(), scounts.data(), sdispls.data(), MPI_BYTE, recv.raw(),
+                            rcounts.data(), rdispls.data(), MPI_BYTE, comm_));
+  }
+
+  void barrier() override { MPI_CHECK(MPI_Barrier(comm_)); }
+
+ private:
+  template <class T>
+  void sum_in_rank_order(const std::vector<uint8_t>& all, Tensor& t) {
+    const int64_t n = t.numel();
+    T* out = t.data<T>();
+    std::vector<T> part(n);
+    std::memcpy(out, all.data(), n * sizeof(T));
+    for (int p = 1; p < size_; ++p) {
+      std::memcpy(part.data(), all.data() + p * n * sizeof(T), n * sizeof(T));
+      for (int64_t i = 0; i < n; ++i) out[i] += part[i];
+    }
+  }
+
+  MPI_Comm comm_;
+  int rank_ = 0, size_ = 1;
+};
+
+}  // namespace
+
+std::unique_ptr<Communicator> make_mpi_communicator(MPI_Comm comm) {
+  return std::make_unique<MpiCommunicator>(comm);
+}
+
+}  // namespace flashmoe
