@@ -17,25 +17,25 @@
 //   2. Each half keeps its `keep` = min(K, N) best entries, sorted:
 //      - keep <= 32: the keep-th largest of the 32 lane maxima is a threshold that
 //        the keep best reach (keep distinct entries reach it). When at most 64 keys
-//        pass it, each lane writes its passing entries (offsets from a warp scan)
-//        and the warp sorts them in registers, two a lane (warp_top32).
+//        pass it, each lane writes its passing entries (offsets from a warp scan).
 //      - otherwise (keep > 32, or more than 64 keys pass: ties): the exact keep-th
 //        largest key, found bit by bit with warp counts below the bits that the
 //        smallest and largest key share; the entries above it plus, in index order
-//        (ballots), the entries equal to it up to the quota completing `keep`;
-//        then sort_top in shared memory (keep > 32) or warp_top32.
-//      warp_top32: bitonic sort of each 32-entry column across the lanes, each
-//      merged into the best so far by a max against it reversed and a bitonic
-//      merge. sort_top: bitonic sort of chunks of next_pow2(keep) entries, then a
-//      tournament merging chunk pairs the same way until the first chunk holds
-//      the best, descending.
+//        (ballots), the entries equal to it up to the quota completing `keep`.
+//      - the gathered entries are sorted: warp_top in registers for keep <= 64,
+//        sort_top in shared memory beyond.
 //   3. Candidates: rank pairs (a, b), 1-based, with a*b <= K, a, b <= keep, scores
 //      l0[row a] + l1[col b], written line by line: rows a <= s = floor(sqrt K),
 //      then columns b <= s for a > s (a > s forces b <= s, so the lines cover the
-//      staircase once). About K ln K of them (119 for K = 32), never N^2.
-//   4. The K best candidates, best first: warp_top32 on four entries a lane for
-//      K <= 32, sort_top with chunks of next_pow2(K) beyond; gates exp(score),
-//      normalised by their warp sum.
+//      staircase once). About K ln K of them (119 for K = 32, 280 for K = 64),
+//      never N^2.
+//   4. The K best candidates, best first: warp_top for K <= 64, sort_top beyond;
+//      gates exp(score), normalised by their warp sum.
+//   warp_top: columns of 32 or 64 entries (one or two a lane) are bitonic-sorted
+//   across the lanes with shuffles, each merged into the best so far by a max
+//   against it reversed (a bitonic column holding the best of both) and a bitonic
+//   merge. sort_top: the same in shared memory, for any size: bitonic sort of
+//   chunks of next_pow2(keep or K) entries, then a tournament of chunk pairs.
 // Backward, per row: ds_k = g_k (dg_k - sum_m g_m dg_m) (the sum only when
 // normalised). The 2K (half, row, slot) triples are sorted, so the slots of each
 // touched logit form a run in ascending slot order; the run's first lane sums its
@@ -58,10 +58,6 @@ constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kLaneMaximaMaxKeep = 32;
 // ...when at most this many keys pass it; else the exact threshold is used.
 constexpr int kLaneMaximaCapacity = 64;
-// Up to this K the final selection runs in registers, over this many entries a lane
-// (the candidates of K = 32 are 119).
-constexpr int kSmallTopK = 32;
-constexpr int kSmallTopKColumns = 4;
 
 // Per-launch constants of the forward kernel.
 struct ForwardShape {
@@ -193,44 +189,83 @@ __device__ __forceinline__ uint64_t exchange_with_lane(uint64_t entry, int strid
   return (other > entry) == keep_larger ? other : entry;
 }
 
-// Bitonic sort of one entry per lane: lane i ends with the i-th largest.
-__device__ __forceinline__ uint64_t warp_sort_descending(uint64_t entry, int lane) {
+// A column of 32 W entries spread over the warp: entry w * 32 + lane sits in e[w] of
+// lane `lane`. One bitonic step: pairs at distance `stride`, in blocks of `size`
+// that alternate direction unless `all_descending` (the final merge).
+template <int W>
+__device__ __forceinline__ void bitonic_step(uint64_t (&e)[W], int size, int stride,
+                                             bool all_descending, int lane) {
 #pragma unroll
-  for (int size = 2; size <= kWarp; size *= 2) {
+  for (int w = 0; w < W; ++w) {
+    const int element = w * kWarp + lane;
+    const bool descending = all_descending || (element & size) == 0;
+    if (stride >= kWarp) {  // both entries in this lane
+      const int partner = w ^ (stride / kWarp);
+      if (w < partner) {
+        const uint64_t a = e[w], b = e[partner];
+        const bool swap = (a < b) == descending;
+        e[w] = swap ? b : a;
+        e[partner] = swap ? a : b;
+      }
+    } else {
+      e[w] = exchange_with_lane(e[w], stride, ((element & stride) == 0) == descending);
+    }
+  }
+}
+
+template <int W>
+__device__ __forceinline__ void column_sort_descending(uint64_t (&e)[W], int lane) {
+#pragma unroll
+  for (int size = 2; size <= W * kWarp; size *= 2) {
 #pragma unroll
     for (int stride = size / 2; stride > 0; stride /= 2) {
-      // Blocks of `size` alternate direction; the last one (size 32) is descending.
-      entry = exchange_with_lane(entry, stride, ((lane & stride) == 0) == ((lane & size) == 0));
+      bitonic_step(e, size, stride, size == W * kWarp, lane);
     }
   }
-  return entry;
 }
 
-// Sorts a bitonic sequence across the lanes descending.
-__device__ __forceinline__ uint64_t warp_merge_descending(uint64_t entry, int lane) {
+// Sorts a bitonic column descending.
+template <int W>
+__device__ __forceinline__ void column_merge_descending(uint64_t (&e)[W], int lane) {
 #pragma unroll
-  for (int stride = kWarp / 2; stride > 0; stride /= 2) {
-    entry = exchange_with_lane(entry, stride, (lane & stride) == 0);
+  for (int stride = W * kWarp / 2; stride > 0; stride /= 2) {
+    bitonic_step(e, W * kWarp, stride, true, lane);
   }
-  return entry;
 }
 
-// The 32 largest of up to R * 32 entries held in registers (entry[r] of lane i is
-// entry r * 32 + i; only the first `columns` columns are read): lane i ends with the
-// i-th largest. Each column is sorted, then merged into the best so far by a max
-// against it reversed (a bitonic sequence holding the 32 largest of both) and a
+template <int W>
+__device__ __forceinline__ void load_column(const uint64_t* buffer, int base, int count, int lane,
+                                            uint64_t (&e)[W]) {
+#pragma unroll
+  for (int w = 0; w < W; ++w) {
+    const int slot = base + w * kWarp + lane;
+    e[w] = slot < count ? buffer[slot] : 0;
+  }
+}
+
+// The 32 W largest of buffer[0, count) (1 <= count <= 32 W R), descending across
+// the warp: rank w * 32 + lane ends in best[w] of lane `lane`, 0 past count. Column
+// after column is sorted in registers and merged into the best so far by a max
+// against it reversed (a bitonic column holding the 32 W largest of both) and a
 // bitonic merge.
-template <int R>
-__device__ __forceinline__ uint64_t warp_top32(const uint64_t (&entry)[R], int columns, int lane) {
-  uint64_t best = warp_sort_descending(entry[0], lane);
+template <int W, int R>
+__device__ __forceinline__ void warp_top(const uint64_t* buffer, int count, int lane,
+                                         uint64_t (&best)[W]) {
+  load_column(buffer, 0, count, lane, best);
+  column_sort_descending(best, lane);
 #pragma unroll
   for (int r = 1; r < R; ++r) {
-    if (r < columns) {
-      const uint64_t sorted = warp_sort_descending(entry[r], lane);
-      best = warp_merge_descending(max(best, __shfl_xor_sync(kFullMask, sorted, kWarp - 1)), lane);
+    const int base = r * W * kWarp;
+    if (base >= count) break;
+    uint64_t column[W];
+    load_column(buffer, base, count, lane, column);
+    column_sort_descending(column, lane);
+#pragma unroll
+    for (int w = 0; w < W; ++w) {
+      best[w] = max(best[w], __shfl_xor_sync(kFullMask, column[W - 1 - w], kWarp - 1));
     }
+    column_merge_descending(best, lane);
   }
-  return best;
 }
 
 // The keys of one half held in registers: key[v] belongs to logit v * 32 + lane
@@ -391,20 +426,35 @@ __device__ void sort_top(uint64_t* buffer, int count, int log2_chunk, int lane) 
   }
 }
 
+// The `keep` <= 32 W best of buffer[0, count), sorted in registers, into index[]
+// and value[].
+template <int W, int R>
+__device__ __forceinline__ void keep_sorted(const uint64_t* buffer, int count, int keep,
+                                            int32_t* index, float* value, int lane) {
+  uint64_t best[W];
+  warp_top<W, R>(buffer, count, lane, best);
+#pragma unroll
+  for (int w = 0; w < W; ++w) {
+    const int rank = w * kWarp + lane;
+    if (rank < keep) {
+      index[rank] = entry_id(best[w]);
+      value[rank] = key_value(entry_key(best[w]));
+    }
+  }
+}
+
 // The `keep` best entries of one half, best first, into index[] and value[] (l).
 template <class Keys>
 __device__ void keep_best_of_half(const Keys& keys, int keep, uint64_t* buffer, int32_t* index,
                                   float* value, int lane) {
   const int count = gather_best_of_half(keys, keep, buffer, lane);
   __syncwarp();
-  if (keep <= kLaneMaximaMaxKeep) {  // count <= 64: two entries a lane, sorted in registers
-    const uint64_t entry[2] = {lane < count ? buffer[lane] : 0,
-                               lane + kWarp < count ? buffer[lane + kWarp] : 0};
-    const uint64_t best = warp_top32(entry, (count + kWarp - 1) / kWarp, lane);
-    if (lane < keep) {
-      index[lane] = entry_id(best);
-      value[lane] = key_value(entry_key(best));
-    }
+  static_assert(kLaneMaximaMaxKeep <= kWarp && kLaneMaximaCapacity <= 2 * kWarp,
+                "keep_sorted<1, 2> takes the lane-maxima path's entries");
+  if (keep <= kLaneMaximaMaxKeep) {  // count <= 64
+    keep_sorted<1, 2>(buffer, count, keep, index, value, lane);
+  } else if (keep <= 2 * kWarp) {  // count = keep
+    keep_sorted<2, 1>(buffer, count, keep, index, value, lane);
   } else {
     sort_top(buffer, count, ceil_log2(keep), lane);
     for (int r = lane; r < keep; r += kWarp) {
@@ -446,22 +496,26 @@ __device__ __forceinline__ ForwardScratch forward_scratch(uint64_t* shared, int 
   return s;
 }
 
-// Candidates (a, b) (0-based ranks here) into buffer; returns their count.
+// Candidates (a, b) (0-based ranks here) into buffer; returns their count. Line j
+// (row a = j, then column b = j) has min(K / (j + 1), keep) entries before the
+// columns drop their first `side`; lane j computes that length once.
 __device__ int write_candidates(const ForwardScratch& s, const ForwardShape& shape, int lane) {
   const int K = shape.top_k, keep = shape.keep, side = shape.stair_side;
+  const int lines = min(side, keep);  // side <= 22 < 32 lanes (K <= 512)
+  const int line_length = lane < lines ? min(K / (lane + 1), keep) : 0;
   auto candidate = [&](int a, int b) {
     const float score = s.value(0)[a] + s.value(1)[b];
     const uint32_t id = static_cast<uint32_t>(s.index(0)[a]) * shape.num_keys + s.index(1)[b];
     return pack_entry(order_key(score), id);
   };
   int written = 0;
-  for (int a = 0; a < min(side, keep); ++a) {  // rows: b < min(K / (a + 1), keep)
-    const int length = min(K / (a + 1), keep);
+  for (int a = 0; a < lines; ++a) {  // rows: b < min(K / (a + 1), keep)
+    const int length = __shfl_sync(kFullMask, line_length, a);
     for (int b = lane; b < length; b += kWarp) s.sort[written + b] = candidate(a, b);
     written += length;
   }
-  for (int b = 0; b < min(side, keep); ++b) {  // columns: side <= a < min(K / (b + 1), keep)
-    const int length = min(K / (b + 1), keep) - side;
+  for (int b = 0; b < lines; ++b) {  // columns: side <= a < min(K / (b + 1), keep)
+    const int length = __shfl_sync(kFullMask, line_length, b) - side;
     for (int a = lane; a < length; a += kWarp) s.sort[written + a] = candidate(side + a, b);
     written += max(length, 0);
   }
@@ -531,24 +585,31 @@ __device__ void keep_best_streamed(const T* logits, const ForwardShape& shape,
   }
 }
 
-// K <= 32: the candidates (at most 119) sorted in registers, four a lane; lane k
-// writes slot k.
-__device__ __forceinline__ void write_small_top_k(const ForwardScratch& s, int candidates,
-                                                  const ForwardShape& shape, int32_t* row_ids,
-                                                  float* row_gates, int lane) {
-  uint64_t entry[kSmallTopKColumns];
-#pragma unroll
-  for (int r = 0; r < kSmallTopKColumns; ++r) {
-    const int slot = r * kWarp + lane;
-    entry[r] = slot < candidates ? s.sort[slot] : 0;
-  }
-  const uint64_t best = warp_top32(entry, (candidates + kWarp - 1) / kWarp, lane);
+// K <= 32 W: the candidates (at most 32 W R) sorted in registers, 32 W at a time;
+// lane `lane` writes the slots w * 32 + lane.
+template <int W, int R>
+__device__ __forceinline__ void write_top_k_sorted_in_registers(const ForwardScratch& s,
+                                                                int candidates,
+                                                                const ForwardShape& shape,
+                                                                int32_t* row_ids, float* row_gates,
+                                                                int lane) {
+  uint64_t best[W];
+  warp_top<W, R>(s.sort, candidates, lane, best);
   const int K = shape.top_k;
-  const float gate = expf(key_value(entry_key(best)));
-  const float norm = shape.norm_topk_prob ? warp_sum(lane < K ? gate : 0.0f) : 1.0f;
-  if (lane < K) {
-    row_ids[lane] = entry_id(best);
-    row_gates[lane] = shape.norm_topk_prob ? gate / norm : gate;
+  float gate[W], sum = 0;
+#pragma unroll
+  for (int w = 0; w < W; ++w) {
+    gate[w] = expf(key_value(entry_key(best[w])));
+    if (w * kWarp + lane < K) sum += gate[w];
+  }
+  const float norm = shape.norm_topk_prob ? warp_sum(sum) : 1.0f;
+#pragma unroll
+  for (int w = 0; w < W; ++w) {
+    const int k = w * kWarp + lane;
+    if (k < K) {
+      row_ids[k] = entry_id(best[w]);
+      row_gates[k] = shape.norm_topk_prob ? gate[w] / norm : gate[w];
+    }
   }
 }
 
@@ -606,12 +667,28 @@ __global__ void __launch_bounds__(256, forward_min_blocks(V))
   }
   const int candidates = write_candidates(s, shape, lane);
   __syncwarp();
-  if (shape.top_k <= kSmallTopK) {
-    write_small_top_k(s, candidates, shape, ids + row * shape.top_k, gates + row * shape.top_k,
-                      lane);
+  int32_t* row_ids = ids + row * shape.top_k;
+  float* row_gates = gates + row * shape.top_k;
+  if (shape.top_k <= kWarp) {
+    write_top_k_sorted_in_registers<1, 4>(s, candidates, shape, row_ids, row_gates, lane);
+  } else if (shape.top_k <= 2 * kWarp) {
+    write_top_k_sorted_in_registers<2, 5>(s, candidates, shape, row_ids, row_gates, lane);
   } else {
-    write_top_k(s, candidates, shape, ids + row * shape.top_k, gates + row * shape.top_k, lane);
+    write_top_k(s, candidates, shape, row_ids, row_gates, lane);
   }
+}
+
+// Sorts buffer[0, count) (count <= 32 W) descending in registers and writes the
+// column back, padded with 0 to 32 W entries. Ends with a warp barrier.
+template <int W>
+__device__ __forceinline__ void sort_in_registers(uint64_t* buffer, int count, int lane) {
+  uint64_t column[W];
+  load_column(buffer, 0, count, lane, column);
+  column_sort_descending(column, lane);
+  __syncwarp();
+#pragma unroll
+  for (int w = 0; w < W; ++w) buffer[w * kWarp + lane] = column[w];
+  __syncwarp();
 }
 
 // One warp's shared memory in the backward kernel.
@@ -679,9 +756,10 @@ __global__ void __launch_bounds__(256)
     s.order[K + k] = valid ? ~(uint64_t{1} << 63 | static_cast<uint64_t>(e % N) << 32 | slot) : 0;
   }
   __syncwarp();
-  if (2 * K <= kWarp) {  // one entry a lane: sorted in registers
-    s.order[lane] = warp_sort_descending(lane < 2 * K ? s.order[lane] : 0, lane);
-    __syncwarp();
+  if (2 * K <= kWarp) {
+    sort_in_registers<1>(s.order, 2 * K, lane);
+  } else if (2 * K <= 2 * kWarp) {
+    sort_in_registers<2>(s.order, 2 * K, lane);
   } else {
     sort_top(s.order, 2 * K, ceil_log2(shape.sort_capacity), lane);
   }
