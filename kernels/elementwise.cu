@@ -54,21 +54,21 @@ struct UniformOp {
   }
 };
 
-// Calls f(p) with p a typed pointer to t's fp32 or bf16 data.
+// Calls f(p) with p a typed pointer to t's fp32, bf16 or fp64 data.
 template <class F>
 void with_float_data(const Tensor& t, F f) {
-  expect_float(t, "tensor");
-  if (t.dtype() == DType::f32) {
-    f(t.data<float>());
-  } else {
-    f(t.data<bf16>());
+  switch (t.dtype()) {
+    case DType::f32: f(t.data<float>()); break;
+    case DType::bf16: f(t.data<bf16>()); break;
+    case DType::f64: f(t.data<double>()); break;
+    default:
+      FLASHMOE_FAIL("tensor has dtype " << dtype_name(t.dtype()) << ", expected fp32, bf16 or fp64");
   }
 }
 
 }  // namespace
 
 void add(const Tensor& a, const Tensor& b, Tensor& out) {
-  expect_float(a, "add operand");
   expect_shape(b, a.shape(), "add operand b");
   expect_dtype(b, a.dtype(), "add operand b");
   expect_device(b, a.device(), "add operand b");

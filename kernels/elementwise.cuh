@@ -11,6 +11,9 @@ FLASHMOE_HD float load_float(const float* p, int64_t i) { return p[i]; }
 FLASHMOE_HD float load_float(const bf16* p, int64_t i) { return to_float(p[i]); }
 FLASHMOE_HD void store_float(float* p, int64_t i, float v) { p[i] = v; }
 FLASHMOE_HD void store_float(bf16* p, int64_t i, float v) { p[i] = to_bf16(v); }
+// fp64 (statistics, metric sums) stays fp64 end to end.
+FLASHMOE_HD double load_float(const double* p, int64_t i) { return p[i]; }
+FLASHMOE_HD void store_float(double* p, int64_t i, double v) { p[i] = v; }
 
 // Blocks for a grid-stride loop over n elements.
 inline unsigned grid_for(int64_t n, int threads) {

@@ -1,7 +1,8 @@
 // Small element-wise ops shared by the layer and the model, CPU and CUDA side by
 // side in elementwise.cu:
-//   add:          out = a + b                (fp32 or bf16, one dtype; fp32 arithmetic)
-//   add_into:     out += a                   (out fp32 or bf16, a of any float dtype)
+//   add:          out = a + b                (fp32, bf16 or fp64, one dtype)
+//   add_into:     out += a                   (fp32, bf16 or fp64 in any mix)
+// fp32 arithmetic for fp32 and bf16, fp64 when both operands are fp64.
 //   convert:      dst = src                  (fp32 <-> bf16, bf16 rounds to nearest even)
 //   init_uniform: t[i] = U(-bound, bound) from Philox(seed, stream, offset + i): the same
 //                 bits on every backend, and a shard starting at element `offset` of a
