@@ -6,6 +6,7 @@
 #include <map>
 #include <mutex>
 #include <tuple>
+#include <utility>
 
 #include "core/stream.h"
 #include "kernels/linear.h"
@@ -29,8 +30,20 @@ struct Plan {
   cublasLtMatmulAlgo_t algo{};
 };
 
-using PlanKey =
+using ShapeKey =
     std::tuple<bool, bool, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int, int, bool>;
+using BatchKey = std::tuple<int64_t, int64_t, int64_t, int64_t>;
+using PlanKey = std::pair<ShapeKey, BatchKey>;
+
+// A batch of one keeps cuBLASLt's default (unbatched) layouts.
+void set_batch(cublasLtMatrixLayout_t layout, int64_t count, int64_t stride) {
+  if (count == 1) return;
+  const int32_t batch_count = static_cast<int32_t>(count);
+  CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT,
+                                                &batch_count, sizeof batch_count));
+  CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
+                                                &stride, sizeof stride));
+}
 
 class GemmContext {
  public:
@@ -39,12 +52,13 @@ class GemmContext {
     CUDA_CHECK(cudaMalloc(&workspace_, kWorkspaceBytes));
   }
 
-  const Plan& plan(const GemmArgs& g) {
-    const PlanKey key{g.trans_a, g.trans_b, g.m,       g.n,        g.k,           g.lda,
-                      g.ldb,     g.ldc,     int(g.in), int(g.out), g.beta != 0.0f};
+  const Plan& plan(const GemmArgs& g, const GemmBatch& batch) {
+    const PlanKey key{{g.trans_a, g.trans_b, g.m, g.n, g.k, g.lda, g.ldb, g.ldc, int(g.in),
+                       int(g.out), g.beta != 0.0f},
+                      {batch.count, batch.stride_a, batch.stride_b, batch.stride_c}};
     std::lock_guard<std::mutex> lock(mutex_);
     auto it = plans_.find(key);
-    if (it == plans_.end()) it = plans_.emplace(key, make_plan(g)).first;
+    if (it == plans_.end()) it = plans_.emplace(key, make_plan(g, batch)).first;
     return it->second;
   }
 
@@ -52,7 +66,7 @@ class GemmContext {
   void* workspace() const { return workspace_; }
 
  private:
-  Plan make_plan(const GemmArgs& g) {
+  Plan make_plan(const GemmArgs& g, const GemmBatch& batch) {
     Plan p;
     CUBLAS_CHECK(cublasLtMatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
     const cublasOperation_t ta = g.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
@@ -67,6 +81,9 @@ class GemmContext {
     CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.b, cuda_type(g.in), g.trans_b ? g.n : g.k,
                                             g.trans_b ? g.k : g.n, g.ldb));
     CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.c, cuda_type(g.out), g.m, g.n, g.ldc));
+    set_batch(p.a, batch.count, batch.stride_a);
+    set_batch(p.b, batch.count, batch.stride_b);
+    set_batch(p.c, batch.count, batch.stride_c);
     cublasLtMatmulPreference_t pref;
     CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
     CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
@@ -95,19 +112,24 @@ GemmContext& context() {
 }
 }  // namespace
 
-void gemm_cuda(const GemmArgs& g) {
-  if (g.m == 0 || g.n == 0) return;
+void gemm_cuda(const GemmArgs& g) { gemm_cuda_batched(g, GemmBatch{}); }
+
+void gemm_cuda_batched(const GemmArgs& g, const GemmBatch& batch) {
+  if (g.m == 0 || g.n == 0 || batch.count == 0) return;
+  FLASHMOE_CHECK(batch.count >= 1 && batch.count <= INT32_MAX,
+                 "gemm batch count is " << batch.count << ", expected 1 to 2^31 - 1");
   GemmContext& ctx = context();
   if (g.k == 0) {
     // An empty sum: C = beta * C; only beta 0 (overwrite) needs work.
     FLASHMOE_CHECK(g.beta == 0.0f || g.beta == 1.0f, "gemm with k = 0 needs beta 0 or 1");
+    FLASHMOE_CHECK(batch.count == 1, "batched gemm with k = 0 is not supported");
     if (g.beta == 0.0f) {
       CUDA_CHECK(cudaMemset2DAsync(g.c, g.ldc * dtype_size(g.out), 0, g.m * dtype_size(g.out), g.n,
                                    current_stream()));
     }
     return;
   }
-  const Plan& p = ctx.plan(g);
+  const Plan& p = ctx.plan(g, batch);
   const float alpha = 1.0f;
   CUBLAS_CHECK(cublasLtMatmul(ctx.handle(), p.desc, &alpha, g.a, p.a, g.b, p.b, &g.beta, g.c, p.c,
                               g.c, p.c, &p.algo, ctx.workspace(), kWorkspaceBytes,

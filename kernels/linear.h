@@ -32,6 +32,14 @@ struct GemmArgs {
   float beta;
 };
 void gemm_cuda(const GemmArgs& args);
+
+// `count` independent products of the same shape, operand i at a + i * stride_a
+// (elements), b + i * stride_b, c + i * stride_c: strided batched cuBLASLt.
+struct GemmBatch {
+  int64_t count = 1;
+  int64_t stride_a = 0, stride_b = 0, stride_c = 0;
+};
+void gemm_cuda_batched(const GemmArgs& args, const GemmBatch& batch);
 }  // namespace detail
 
 }  // namespace flashmoe
