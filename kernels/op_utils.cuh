@@ -1,0 +1,92 @@
+// Helpers for the model's ops (attention, embedding, cross-entropy), which keep their
+// CPU and CUDA bodies side by side:
+//   for_each_index(device, n, op, name): op(i) for every i < n, as a loop on the CPU
+//       or a grid-stride kernel on the current stream. `op` is a small copyable
+//       functor with a FLASHMOE_HD call operator, so one body serves both backends.
+//   for_each_element(device, rows, width, op, name): op(r, c) for every r < rows and
+//       c < width; on the CPU as nested loops, so that whatever op derives from r alone
+//       is hoisted out of the inner loop.
+//   with_storage_type(dtype, f): f.template operator()<T>() with T = float or bf16.
+//   check_ids_in_range(ids, limit, name): on the CPU, every int32 id in [0, limit) or a
+//       one-line error naming the first one that is not (GPU ops handle bad ids
+//       without a host sync instead, see each op).
+//   warp_sum, warp_max: butterfly reductions over the 32 lanes of a warp; every lane
+//       gets the result, and the order of the additions is fixed.
+#pragma once
+
+#include "core/error.h"
+#include "core/tensor.h"
+#include "kernels/elementwise.cuh"
+
+namespace flashmoe {
+
+template <class Op>
+__global__ void for_each_index_kernel(Op op, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    op(i);
+  }
+}
+
+template <class Op>
+void for_each_index(Device device, int64_t n, Op op, const char* name) {
+  if (device == Device::cpu) {
+    for (int64_t i = 0; i < n; ++i) op(i);
+    return;
+  }
+  if (n == 0) return;
+  for_each_index_kernel<<<grid_for(n, 256), 256, 0, current_stream()>>>(op, n);
+  CUDA_CHECK_LAUNCH(name);
+}
+
+template <class Op>
+struct RowColumnOp {
+  Op op;
+  int64_t width;
+  FLASHMOE_HD void operator()(int64_t i) const { op(i / width, i % width); }
+};
+
+template <class Op>
+void for_each_element(Device device, int64_t rows, int64_t width, Op op, const char* name) {
+  if (device == Device::cpu) {
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t c = 0; c < width; ++c) op(r, c);
+    }
+    return;
+  }
+  for_each_index(device, rows * width, RowColumnOp<Op>{op, width}, name);
+}
+
+template <class F>
+void with_storage_type(DType dtype, F f) {
+  FLASHMOE_CHECK(dtype == DType::f32 || dtype == DType::bf16,
+                 "storage dtype is " << dtype_name(dtype) << ", expected fp32 or bf16");
+  if (dtype == DType::f32) {
+    f.template operator()<float>();
+  } else {
+    f.template operator()<bf16>();
+  }
+}
+
+inline void check_ids_in_range(const Tensor& ids, int64_t limit, const char* name) {
+  const int32_t* p = ids.data<int32_t>();
+  for (int64_t i = 0; i < ids.numel(); ++i) {
+    FLASHMOE_CHECK(p[i] >= 0 && p[i] < limit, name << " " << p[i] << " at position " << i
+                                                   << " is out of range, expected [0, " << limit
+                                                   << ")");
+  }
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  }
+  return v;
+}
+
+}  // namespace flashmoe
