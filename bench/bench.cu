@@ -16,8 +16,10 @@
 #include <vector>
 
 #include "core/philox.h"
+#include "core/stream.h"
 #include "core/tensor.h"
 #include "kernels/experts.h"
+#include "kernels/flashmoe_layer.h"
 #include "kernels/router.h"
 
 namespace flashmoe {
@@ -32,7 +34,8 @@ struct Options {
 struct Result {
   std::string name, op;
   double ms;
-  double bytes;
+  double bytes;         // least device-memory traffic; 0 where not modelled
+  double peak_gib = 0;  // peak device memory of the case, 0 where not measured
 };
 
 // Median of `reps` event-timed runs of fn(rep), after `warmup` untimed ones.
@@ -43,9 +46,9 @@ double time_median_ms(const std::function<void(int)>& fn, int reps, int warmup =
   CUDA_CHECK(cudaEventCreate(&stop));
   std::vector<float> times(reps);
   for (int i = 0; i < reps; ++i) {
-    CUDA_CHECK(cudaEventRecord(start));
+    CUDA_CHECK(cudaEventRecord(start, current_stream()));
     fn(i);
-    CUDA_CHECK(cudaEventRecord(stop));
+    CUDA_CHECK(cudaEventRecord(stop, current_stream()));
     CUDA_CHECK(cudaEventSynchronize(stop));
     CUDA_CHECK(cudaEventElapsedTime(&times[i], start, stop));
   }
@@ -58,12 +61,16 @@ double time_median_ms(const std::function<void(int)>& fn, int reps, int warmup =
 // Device-to-device copy of 1 GiB; counts bytes read plus bytes written.
 double copy_bandwidth_gbs() {
   const size_t bytes = size_t(1) << 30;
-  Tensor a = Tensor::zeros({int64_t(bytes)}, DType::i32, Device::cuda).view({int64_t(bytes / 4)});
+  Tensor a = Tensor::empty({int64_t(bytes / 4)}, DType::i32, Device::cuda);
+  a.fill_bytes(0xa5);  // not zeros: timings on zeros can flatter
   Tensor b = Tensor::empty({int64_t(bytes / 4)}, DType::i32, Device::cuda);
   double ms = time_median_ms(
-      [&](int) { CUDA_CHECK(cudaMemcpyAsync(b.raw(), a.raw(), bytes / 4 * 4, cudaMemcpyDefault)); },
+      [&](int) {
+        CUDA_CHECK(
+            cudaMemcpyAsync(b.raw(), a.raw(), bytes, cudaMemcpyDeviceToDevice, current_stream()));
+      },
       20);
-  return 2.0 * (bytes / 4 * 4) / (ms * 1e-3) / 1e9;
+  return 2.0 * bytes / (ms * 1e-3) / 1e9;
 }
 
 Tensor random_tensor(Shape shape, DType dtype, uint64_t seed, float scale) {
@@ -161,6 +168,50 @@ void bench_experts(const ExpertCase& c, const Options& opt, std::vector<Result>&
   results.push_back({c.name, "experts fwd+bwd", both, fwd_bytes + bwd_bytes});
 }
 
+struct LayerCase {
+  const char* name;
+  int64_t T, D, I, E;
+  int K, H;
+};
+
+// The whole layer, bf16: forward, forward+backward, and the peak device memory of a
+// forward+backward (parameters, activations, gradients and workspaces).
+void bench_layer(const LayerCase& c, const Options& opt, std::vector<Result>& results) {
+  MoeConfig moe;
+  moe.num_experts = c.E;
+  moe.top_k = c.K;
+  moe.heads = c.H;
+  moe.shared_intermediate = c.I;
+  const double table_bytes = 2.0 * c.E * c.D * 2;
+  const int sets = std::min(rotation_sets(table_bytes), 2);
+  // The peak of one layer's forward+backward, measured before the rotation copies exist.
+  double peak_gib = 0;
+  const int64_t base = device_bytes_in_use();
+  reset_device_bytes_peak();
+  std::vector<std::unique_ptr<FlashMoELayer>> layers;
+  std::vector<Tensor> xs;
+  Tensor dy = random_tensor({c.T, c.D}, DType::bf16, 900, 1.0f);
+  for (int s = 0; s < sets; ++s) {
+    layers.push_back(
+        std::make_unique<FlashMoELayer>(c.D, moe, Device::cuda, DType::bf16, 1 + s, 0));
+    xs.push_back(random_tensor({c.T, c.D}, DType::bf16, 800 + s, 1.0f));
+    layers[s]->forward(xs[s], true);
+    layers[s]->backward(dy);
+    CUDA_CHECK(cudaDeviceSynchronize());
+    if (s == 0) peak_gib = (device_bytes_peak() - base) / double(1 << 30);
+  }
+  const int reps = table_bytes > 1e9 ? 20 : opt.reps;
+  double fwd = time_median_ms([&](int i) { layers[i % sets]->forward(xs[i % sets], true); }, reps);
+  double both = time_median_ms(
+      [&](int i) {
+        layers[i % sets]->forward(xs[i % sets], true);
+        layers[i % sets]->backward(dy);
+      },
+      reps);
+  results.push_back({c.name, "layer fwd", fwd, 0});
+  results.push_back({c.name, "layer fwd+bwd", both, 0, peak_gib});
+}
+
 bool selected(const Options& opt, const std::string& name) {
   return opt.cases.empty() ||
          std::find(opt.cases.begin(), opt.cases.end(), name) != opt.cases.end();
@@ -225,12 +276,29 @@ int run(int argc, char** argv) {
   for (const ExpertCase& c : expert_cases) {
     if (selected(opt, c.name)) bench_experts(c, opt, results);
   }
-  std::printf("\n| case | op | median ms | min bytes (MB) | GB/s | of copy BW |\n");
-  std::printf("|---|---|---|---|---|---|\n");
+  const LayerCase layer_cases[] = {{"quickstart", 4096, 1024, 4096, 16384, 64, 1},
+                                   {"peer-1m", 4096, 1024, 4096, 1048576, 16, 8},
+                                   {"heavy", 8192, 1024, 1024, 102400, 512, 1}};
+  for (const LayerCase& c : layer_cases) {
+    if (selected(opt, c.name) || selected(opt, std::string(c.name) + "-layer")) {
+      bench_layer(c, opt, results);
+    }
+  }
+  std::printf("\n| case | op | median ms | min bytes (MB) | GB/s | of copy BW | peak GiB |\n");
+  std::printf("|---|---|---|---|---|---|---|\n");
   for (const Result& r : results) {
     const double gbs = r.bytes / (r.ms * 1e-3) / 1e9;
-    std::printf("| %s | %s | %.4f | %.1f | %.0f | %.0f%% |\n", r.name.c_str(), r.op.c_str(), r.ms,
-                r.bytes / 1e6, gbs, 100.0 * gbs / copy_gbs);
+    if (r.bytes > 0) {
+      std::printf("| %s | %s | %.4f | %.1f | %.0f | %.0f%% |", r.name.c_str(), r.op.c_str(), r.ms,
+                  r.bytes / 1e6, gbs, 100.0 * gbs / copy_gbs);
+    } else {
+      std::printf("| %s | %s | %.4f | - | - | - |", r.name.c_str(), r.op.c_str(), r.ms);
+    }
+    if (r.peak_gib > 0) {
+      std::printf(" %.2f |\n", r.peak_gib);
+    } else {
+      std::printf(" - |\n");
+    }
   }
   if (!opt.json.empty()) write_json(opt.json, prop.name, copy_gbs, results);
   return 0;

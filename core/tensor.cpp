@@ -2,12 +2,17 @@
 
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstring>
 #include <sstream>
 
 #include "core/stream.h"
 
 namespace flashmoe {
+
+namespace {
+std::atomic<int64_t> g_device_bytes{0}, g_device_peak{0};
+}  // namespace
 
 size_t dtype_size(DType dtype) {
   switch (dtype) {
@@ -41,6 +46,10 @@ std::string shape_string(const Shape& shape) {
   return os.str();
 }
 
+int64_t device_bytes_in_use() { return g_device_bytes.load(); }
+int64_t device_bytes_peak() { return g_device_peak.load(); }
+void reset_device_bytes_peak() { g_device_peak.store(g_device_bytes.load()); }
+
 bool cuda_available() {
   static const bool available = [] {
     int count = 0;
@@ -50,6 +59,14 @@ bool cuda_available() {
 }
 
 namespace {
+
+void count_device_bytes(int64_t delta) {
+  const int64_t now = g_device_bytes.fetch_add(delta) + delta;
+  int64_t peak = g_device_peak.load();
+  while (now > peak && !g_device_peak.compare_exchange_weak(peak, now)) {
+  }
+}
+
 std::shared_ptr<uint8_t> allocate(size_t bytes, Device device) {
   if (bytes == 0) bytes = 1;  // a valid pointer even for empty tensors
   if (device == Device::cpu) {
@@ -60,7 +77,11 @@ std::shared_ptr<uint8_t> allocate(size_t bytes, Device device) {
   FLASHMOE_CHECK(cuda_available(), "a cuda tensor was requested but no CUDA device is available");
   void* p = nullptr;
   CUDA_CHECK(cudaMalloc(&p, bytes));
-  return std::shared_ptr<uint8_t>(static_cast<uint8_t*>(p), [](uint8_t* q) { cudaFree(q); });
+  count_device_bytes(static_cast<int64_t>(bytes));
+  return std::shared_ptr<uint8_t>(static_cast<uint8_t*>(p), [bytes](uint8_t* q) {
+    cudaFree(q);
+    count_device_bytes(-static_cast<int64_t>(bytes));
+  });
 }
 
 int64_t checked_numel(const Shape& shape) {

@@ -116,6 +116,12 @@ void expect_dtype(const Tensor& t, DType dtype, const char* name);
 void expect_device(const Tensor& t, Device device, const char* name);
 void expect_float(const Tensor& t, const char* name);  // f32 or bf16
 
+// Bytes of device memory held by tensors now, and the most held since the last reset
+// (the benchmarks' peak-memory figure; library workspaces are tensors too).
+int64_t device_bytes_in_use();
+int64_t device_bytes_peak();
+void reset_device_bytes_peak();
+
 // True when a CUDA device can be used by this process.
 bool cuda_available();
 

@@ -1,0 +1,245 @@
+#include "trainer/trainer.h"
+
+#include <cmath>
+#include <csignal>
+#include <filesystem>
+#include <sstream>
+
+#include "core/log.h"
+#include "core/stream.h"
+#include "kernels/elementwise.h"
+#include "optim/schedule.h"
+#include "trainer/token_stager.h"
+
+namespace flashmoe {
+
+std::atomic<bool> Trainer::stop_requested_{false};
+
+void Trainer::request_stop() { stop_requested_.store(true); }
+
+namespace {
+
+DType storage_dtype(Precision precision) {
+  return precision == Precision::bf16 ? DType::bf16 : DType::f32;
+}
+
+std::string format_duration(double seconds) {
+  const auto total = static_cast<int64_t>(seconds);
+  std::ostringstream os;
+  if (total >= 3600) os << total / 3600 << "h";
+  if (total >= 60) os << (total / 60) % 60 << "m";
+  os << total % 60 << "s";
+  return os.str();
+}
+
+// Reads one device (or host) scalar of any float dtype.
+double read_scalar(const Tensor& t, int64_t index = 0) { return t.to_doubles()[index]; }
+
+}  // namespace
+
+Trainer::Trainer(const RunConfig& config, Communicator& comm)
+    : config_(config),
+      comm_(comm),
+      device_(config.train.device),
+      data_(config, comm.rank(), comm.size()) {
+  FLASHMOE_CHECK(
+      comm.size() == 1,
+      "world size is " << comm.size() << ", expected 1: expert parallelism is not implemented yet");
+  model_ = std::make_unique<Model>(config.model, config.moe, device_,
+                                   storage_dtype(config.train.precision), config.train.seed);
+  optimizer_ = std::make_unique<AdamW>(config.optim, config.train.steps, model_->parameters());
+  stager_ = std::make_unique<TokenStager>(device_);
+  loss_sum_ = Tensor::zeros({}, DType::f32, device_);
+  if (!config.log.file.empty() && comm.rank() == 0) {
+    jsonl_ = std::fopen(config.log.file.c_str(), "a");
+    FLASHMOE_CHECK(jsonl_, "cannot open log.file " << config.log.file << " for appending");
+  }
+  resume_if_asked();
+}
+
+Trainer::~Trainer() {
+  if (jsonl_) std::fclose(jsonl_);
+}
+
+std::vector<std::pair<std::string, Tensor>> Trainer::tensors_to_save(bool experts) const {
+  std::vector<std::pair<std::string, Tensor>> out;
+  for (Parameter* p : model_->parameters()) {
+    if (p->expert_table == experts) out.emplace_back(p->name, p->value);
+  }
+  for (const OptimizerTensor& s : optimizer_->state()) {
+    const bool expert_state = s.name.find(".down_embed.") != std::string::npos ||
+                              s.name.find(".up_embed.") != std::string::npos;
+    if (expert_state == experts) out.emplace_back(s.name, s.tensor);
+  }
+  if (!experts) {
+    int index = 0;
+    for (FlashMoELayer* layer : model_->moe_layers()) {
+      const std::string prefix = "moe." + std::to_string(index++) + ".batchnorm.";
+      out.emplace_back(prefix + "running_mean", layer->batchnorm().running_mean);
+      out.emplace_back(prefix + "running_var", layer->batchnorm().running_var);
+    }
+  }
+  return out;
+}
+
+void Trainer::resume_if_asked() {
+  const CheckpointConfig& ck = config_.checkpoint;
+  std::optional<CheckpointReader> reader;
+  if (ck.resume == "auto") {
+    if (!ck.dir.empty() && std::filesystem::exists(ck.dir)) reader = open_latest_checkpoint(ck.dir);
+  } else if (ck.resume != "never") {
+    reader.emplace(ck.resume);
+  }
+  if (!reader) return;
+  verify_compatible(reader->state(), comm_.size(), reader->path());
+  // The tensors share storage with the model and optimizer: loading fills those.
+  auto replicated = tensors_to_save(false), experts = tensors_to_save(true);
+  std::vector<CheckpointReader::Target> targets;
+  for (auto& [name, tensor] : replicated) targets.push_back({kModelFile, name, &tensor});
+  for (auto& [name, tensor] : experts) {
+    targets.push_back({experts_file(comm_.rank()), name, &tensor});
+  }
+  reader->load_all(targets);  // checks every file and shape before writing any tensor
+  step_ = reader->state().step;
+  tokens_seen_ = reader->state().tokens_seen;
+  data_.seek(static_cast<uint64_t>(reader->state().data_position));
+  FLASHMOE_LOG(info, "resumed from " << reader->path() << " at step " << step_);
+}
+
+void Trainer::train_step() {
+  const int64_t accum = config_.train.grad_accum;
+  // The mean over every target of the global batch: per-rank sums add up to it.
+  const double loss_scale = 1.0 / static_cast<double>(config_.train.batch_tokens);
+  loss_sum_.fill_bytes(0);
+  for (int64_t micro = 0; micro < accum; ++micro) {
+    const Batch batch = data_.next_batch();
+    const Tensor& tokens = stager_->stage(batch.tokens, batch.sequences, batch.seq_len + 1);
+    add_into(model_->forward_backward(tokens, loss_scale, /*accumulate=*/micro > 0), loss_sum_);
+  }
+  optimizer_->step(comm_);
+  ++step_;
+  tokens_seen_ += config_.train.batch_tokens;
+}
+
+StepLog Trainer::log_step(std::chrono::steady_clock::time_point since, int64_t steps_since) {
+  StepLog log{};
+  log.step = step_;
+  log.loss = read_scalar(loss_sum_);  // waits for the device: the interval's one sync
+  log.grad_norm = optimizer_->grad_norm();
+  log.lr = scheduled_lr(config_.optim, config_.train.steps, step_ - 1);
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - since).count();
+  log.tokens_per_second = seconds > 0 ? steps_since * config_.train.batch_tokens / seconds : 0;
+  log.eta_seconds = steps_since ? seconds / steps_since * (config_.train.steps - step_) : 0;
+  double used = 0;
+  std::vector<FlashMoELayer*> layers = model_->moe_layers();
+  for (FlashMoELayer* layer : layers) used += layer->stats().fraction_used;
+  log.experts_used = layers.empty() ? 0 : used / layers.size();
+  FLASHMOE_CHECK(std::isfinite(log.loss),
+                 "loss is " << log.loss << " at step " << step_
+                            << ", expected a finite loss (lower optim.lr or check the data)");
+  return log;
+}
+
+EvalLog Trainer::evaluate() {
+  const bool facts = config_.data.kind == DataKind::facts;
+  Tensor sums = Tensor::zeros({3}, DType::f64, device_);
+  for (const Batch& batch : data_.eval_batches(config_.train.eval_tokens)) {
+    const Tensor& tokens = stager_->stage(batch.tokens, batch.sequences, batch.seq_len + 1);
+    // Recall on fact values; on other data, accuracy over every target.
+    std::vector<int32_t> mask(batch.value_mask.begin(), batch.value_mask.end());
+    if (!facts) std::fill(mask.begin(), mask.end(), 1);
+    const Tensor& target_mask = stager_->stage(mask, batch.sequences, batch.seq_len);
+    add_into(model_->evaluate(tokens, target_mask), sums);
+  }
+  comm_.all_reduce_sum(sums);
+  const std::vector<double> s = sums.to_doubles();  // {nll sum, correct, counted}
+  FLASHMOE_CHECK(s[2] > 0, "evaluation counted no targets, expected train.eval_tokens > 0");
+  return {step_, s[0] / s[2], s[1] / s[2]};
+}
+
+void Trainer::save_checkpoint() {
+  const CheckpointConfig& ck = config_.checkpoint;
+  if (ck.dir.empty()) return;
+  if (device_ == Device::cuda) synchronize_stream();
+  CheckpointGroup group{comm_.rank(), comm_.size(), [this] { comm_.barrier(); }};
+  CheckpointWriter writer(ck.dir, step_, group);
+  if (comm_.rank() == 0) writer.write_tensors(kModelFile, tensors_to_save(false));
+  writer.write_tensors(experts_file(comm_.rank()), tensors_to_save(true));
+  TrainerState state;
+  state.step = step_;
+  state.tokens_seen = tokens_seen_;
+  state.data_position = static_cast<int64_t>(data_.position());
+  state.rng_seed = config_.train.seed;
+  state.world_size = comm_.size();
+  state.config_yaml = to_yaml(config_);
+  const std::string path = writer.commit(state, ck.keep);
+  FLASHMOE_LOG(info, "saved checkpoint " << path);
+}
+
+bool Trainer::stop_agreed() {
+  // Ranks see a signal at different moments; summing the flags makes them agree.
+  Tensor flag = Tensor::zeros({1}, DType::f32, device_);
+  if (stop_requested_.load()) flag.fill(1.0f);
+  comm_.all_reduce_sum(flag);
+  return read_scalar(flag) > 0;
+}
+
+void Trainer::write_jsonl(const std::string& line) {
+  if (!jsonl_) return;
+  std::fprintf(jsonl_, "%s\n", line.c_str());
+  std::fflush(jsonl_);
+}
+
+std::optional<EvalLog> Trainer::run(int64_t stop_at) {
+  const TrainConfig& train = config_.train;
+  std::optional<EvalLog> last_eval;
+  auto since = std::chrono::steady_clock::now();
+  int64_t steps_since = 0;
+  bool stopped = false;
+  while (step_ < train.steps && !stopped) {
+    train_step();
+    ++steps_since;
+    const bool last = step_ == train.steps;
+    if (step_ % config_.log.every == 0 || last) {
+      const StepLog log = log_step(since, steps_since);
+      history_.push_back(log);
+      FLASHMOE_LOG(info, "step " << log.step << "/" << train.steps << " | loss " << log.loss
+                                 << " | lr " << log.lr << " | grad norm " << log.grad_norm << " | "
+                                 << static_cast<int64_t>(log.tokens_per_second)
+                                 << " tok/s | experts used " << 100 * log.experts_used << "% | ETA "
+                                 << format_duration(log.eta_seconds));
+      std::ostringstream json;
+      json.precision(9);
+      json << "{\"step\": " << log.step << ", \"loss\": " << log.loss << ", \"lr\": " << log.lr
+           << ", \"grad_norm\": " << log.grad_norm
+           << ", \"tokens_per_second\": " << log.tokens_per_second
+           << ", \"experts_used\": " << log.experts_used << "}";
+      write_jsonl(json.str());
+      since = std::chrono::steady_clock::now();
+      steps_since = 0;
+    }
+    // One rank reads its own flag every step; several agree at log intervals.
+    if (comm_.size() == 1 ? stop_requested_.load() : step_ % config_.log.every == 0) {
+      stopped = stop_agreed();
+    }
+    stopped = stopped || step_ == stop_at;
+    if ((train.eval_every > 0 && step_ % train.eval_every == 0) || last) {
+      last_eval = evaluate();
+      const char* metric = config_.data.kind == DataKind::facts ? "recall" : "accuracy";
+      FLASHMOE_LOG(info, "eval step " << step_ << " | loss " << last_eval->loss << " | " << metric
+                                      << " " << 100 * last_eval->accuracy << "%");
+      std::ostringstream json;
+      json.precision(9);
+      json << "{\"step\": " << step_ << ", \"eval_loss\": " << last_eval->loss << ", \"eval_"
+           << metric << "\": " << last_eval->accuracy << "}";
+      write_jsonl(json.str());
+    }
+    const int64_t every = config_.checkpoint.every;
+    if ((every > 0 && step_ % every == 0) || last || stopped) save_checkpoint();
+  }
+  if (stopped) FLASHMOE_LOG(info, "stopped by signal at step " << step_);
+  return last_eval;
+}
+
+}  // namespace flashmoe

@@ -1,0 +1,75 @@
+// The training loop behind flashmoe-train: model, AdamW, data, checkpoints and logs,
+// on any backend and communicator (the loop knows neither).
+//
+// One step: grad_accum micro-batches of this rank's shard (forward and backward,
+// gradients accumulated), the data-parallel sum of replicated gradients, one AdamW
+// update. The host waits for the device only at log, eval and checkpoint intervals.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <memory>
+#include <optional>
+
+#include "core/config.h"
+#include "optim/adamw.h"
+#include "parallel/communicator.h"
+#include "trainer/checkpoint.h"
+#include "trainer/data.h"
+#include "trainer/model.h"
+
+namespace flashmoe {
+
+struct StepLog {
+  int64_t step;
+  double loss, lr, grad_norm, tokens_per_second, experts_used, eta_seconds;
+};
+
+struct EvalLog {
+  int64_t step;
+  double loss, accuracy;  // accuracy: recall on fact values, or next-token accuracy
+};
+
+class Trainer {
+ public:
+  Trainer(const RunConfig& config, Communicator& comm);
+  ~Trainer();
+
+  // Trains from the current step to train.steps, or until stop() is requested or step
+  // `stop_at` is reached (as if interrupted there), then saves a checkpoint (when
+  // checkpoint.dir is set). Returns the last eval.
+  std::optional<EvalLog> run(int64_t stop_at = -1);
+  EvalLog evaluate();
+  int64_t step() const { return step_; }
+  const std::vector<StepLog>& history() const { return history_; }  // every logged step
+  Model& model() { return *model_; }
+
+  // Async-signal-safe: the loop stops at the next step boundary (all ranks agree at a
+  // log interval) and saves a checkpoint.
+  static void request_stop();
+
+ private:
+  void resume_if_asked();
+  void train_step();
+  StepLog log_step(std::chrono::steady_clock::time_point since, int64_t steps_since);
+  void save_checkpoint();
+  bool stop_agreed();
+  void write_jsonl(const std::string& line);
+  std::vector<std::pair<std::string, Tensor>> tensors_to_save(bool experts) const;
+
+  RunConfig config_;
+  Communicator& comm_;
+  Device device_;
+  std::unique_ptr<Model> model_;
+  std::unique_ptr<AdamW> optimizer_;
+  DataLoader data_;
+  int64_t step_ = 0, tokens_seen_ = 0;
+  Tensor loss_sum_;  // scalar fp32 on the device: this step's loss, summed over micro-batches
+  std::unique_ptr<class TokenStager> stager_;  // host batches -> device, asynchronously
+  std::vector<StepLog> history_;
+  std::FILE* jsonl_ = nullptr;
+  static std::atomic<bool> stop_requested_;
+};
+
+}  // namespace flashmoe
