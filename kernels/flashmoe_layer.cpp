@@ -98,8 +98,8 @@ const Tensor& FlashMoELayer::forward(const Tensor& x, bool training) {
   x_ = x;
   forward_norm(training);
 
-  linear_forward(xn_, w_router_.value, logits_);
-  logits_ = logits_.view({T, H, 2, num_keys_});
+  linear_forward(xn_, w_router_.value, logits_rows_);
+  logits_ = logits_rows_.view({T, H, 2, num_keys_});
   router_forward(logits_, static_cast<int>(K), config_.norm_topk_prob, routing_);
 
   expert_in_ = {x_,

@@ -63,7 +63,7 @@ class FlashMoELayer {
   BatchNorm batchnorm_;
 
   // Saved by forward for backward, and reused buffers.
-  Tensor x_, xn_, rstd_, logits_, gate_up_, hidden_, y_routed_, y_shared_, y_, h_;
+  Tensor x_, xn_, rstd_, logits_rows_, logits_, gate_up_, hidden_, y_routed_, y_shared_, y_, h_;
   BatchNormSaved bn_saved_;
   RouterOutputs routing_;
   ExpertInputs expert_in_;

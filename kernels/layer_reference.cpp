@@ -293,8 +293,8 @@ ExpertShape expert_shape(const LayerConfig& cfg, int64_t tokens) {
 
 template <class Real>
 std::vector<Real> layer_forward(const LayerConfig& cfg, LayerParams<Real>& params,
-                                const std::vector<Real>& x, int64_t tokens,
-                                LayerCache<Real>& cache) {
+                                const std::vector<Real>& x, int64_t tokens, LayerCache<Real>& cache,
+                                const std::vector<int32_t>* fixed_ids) {
   validate_layer_inputs(cfg, params, x, tokens);
   const RouterShape router = router_shape(cfg, tokens);
   const ExpertShape experts = expert_shape(cfg, tokens);
@@ -307,8 +307,16 @@ std::vector<Real> layer_forward(const LayerConfig& cfg, LayerParams<Real>& param
   cache.expert_ids.resize(slots);
   cache.gates.resize(slots);
   cache.logsumexp.resize(tokens * cfg.heads * 2);
-  router_forward(router, cache.logits.data(), cfg.norm_topk_prob, cache.expert_ids.data(),
+  if (fixed_ids) {
+    FLASHMOE_CHECK(static_cast<int64_t>(fixed_ids->size()) == slots,
+                   "fixed_ids has " << fixed_ids->size() << " ids, expected [T, H, K] = " << slots);
+    cache.expert_ids = *fixed_ids;
+    router_gates(router, cache.logits.data(), cache.expert_ids.data(), cfg.norm_topk_prob,
                  cache.gates.data(), cache.logsumexp.data());
+  } else {
+    router_forward(router, cache.logits.data(), cfg.norm_topk_prob, cache.expert_ids.data(),
+                   cache.gates.data(), cache.logsumexp.data());
+  }
 
   std::vector<Real> y = swiglu_forward(cfg.act, x, params.w_gate, params.w_up, params.w_down,
                                        tokens, cfg.dim, cfg.shared_intermediate, cache.shared);
@@ -387,7 +395,8 @@ LayerGrads<Real> layer_backward(const LayerConfig& cfg, const LayerParams<Real>&
   template void validate_layer_inputs(const LayerConfig&, const LayerParams<Real>&,                \
                                       const std::vector<Real>&, int64_t);                          \
   template std::vector<Real> layer_forward(const LayerConfig&, LayerParams<Real>&,                 \
-                                           const std::vector<Real>&, int64_t, LayerCache<Real>&);  \
+                                           const std::vector<Real>&, int64_t, LayerCache<Real>&,   \
+                                           const std::vector<int32_t>*);                           \
   template LayerGrads<Real> layer_backward(const LayerConfig&, const LayerParams<Real>&,           \
                                            const LayerCache<Real>&, const std::vector<Real>&);
 

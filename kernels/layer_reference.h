@@ -234,11 +234,13 @@ void validate_layer_inputs(const LayerConfig& cfg, const LayerParams<Real>& para
                            const std::vector<Real>& x, int64_t tokens);
 
 // y [T, D]. Batchnorm in training updates params.running_mean/var (as PyTorch does);
-// nothing else in params changes.
+// nothing else in params changes. With `fixed_ids` ([T, H, K]) the router keeps that
+// selection instead of its own top-K (gates still follow the logits): how a bf16
+// layer, whose rounding may reorder near-tied experts, is compared with this one.
 template <class Real>
 std::vector<Real> layer_forward(const LayerConfig& cfg, LayerParams<Real>& params,
-                                const std::vector<Real>& x, int64_t tokens,
-                                LayerCache<Real>& cache);
+                                const std::vector<Real>& x, int64_t tokens, LayerCache<Real>& cache,
+                                const std::vector<int32_t>* fixed_ids = nullptr);
 
 // Gradients of x and of every parameter, given dy [T, D] and the cache of the forward
 // pass with the same cfg and params.

@@ -53,23 +53,36 @@ Real log_softmax(const Real* q, int N, Real* l) {
 }
 
 template <class Real>
-void router_forward(const RouterShape& shape, const Real* logits, bool norm_topk_prob,
-                    int32_t* ids, Real* gates, Real* logsumexp) {
+void router_gates(const RouterShape& shape, const Real* logits, const int32_t* ids,
+                  bool norm_topk_prob, Real* gates, Real* logsumexp) {
   const int N = shape.num_keys, K = shape.top_k;
   std::vector<Real> l0(N), l1(N);
   for (int64_t th = 0; th < shape.tokens * shape.heads; ++th) {
     const Real* q = logits + th * 2 * N;
     logsumexp[2 * th] = log_softmax(q, N, l0.data());
     logsumexp[2 * th + 1] = log_softmax(q + N, N, l1.data());
-    int32_t* id = ids + th * K;
+    const int32_t* id = ids + th * K;
     Real* g = gates + th * K;
-    topk_product(l0.data(), l1.data(), N, K, id, g);
     Real sum = 0;
-    for (int k = 0; k < K; ++k) sum += g[k] = std::exp(g[k]);
+    for (int k = 0; k < K; ++k) sum += g[k] = std::exp(l0[id[k] / N] + l1[id[k] % N]);
     if (norm_topk_prob) {
       for (int k = 0; k < K; ++k) g[k] /= sum;
     }
   }
+}
+
+template <class Real>
+void router_forward(const RouterShape& shape, const Real* logits, bool norm_topk_prob, int32_t* ids,
+                    Real* gates, Real* logsumexp) {
+  const int N = shape.num_keys, K = shape.top_k;
+  std::vector<Real> l0(N), l1(N), scores(K);
+  for (int64_t th = 0; th < shape.tokens * shape.heads; ++th) {
+    const Real* q = logits + th * 2 * N;
+    log_softmax(q, N, l0.data());
+    log_softmax(q + N, N, l1.data());
+    topk_product(l0.data(), l1.data(), N, K, ids + th * K, scores.data());
+  }
+  router_gates(shape, logits, ids, norm_topk_prob, gates, logsumexp);
 }
 
 template <class Real>
@@ -155,17 +168,18 @@ std::vector<int32_t> touched_experts(const int32_t* ids, int64_t count) {
   return rows;
 }
 
-#define FLASHMOE_INSTANTIATE_REFERENCE(Real)                                                    \
-  template std::vector<int> top_indices(const Real*, int, int);                                \
-  template void topk_product(const Real*, const Real*, int, int, int32_t*, Real*);             \
-  template Real log_softmax(const Real*, int, Real*);                                          \
-  template void router_forward(const RouterShape&, const Real*, bool, int32_t*, Real*, Real*); \
-  template void router_backward(const RouterShape&, const Real*, const int32_t*, const Real*,  \
-                                const Real*, const Real*, bool, Real*);                        \
-  template void experts_forward(const ExpertShape&, Activation, const Real*, const Real*,      \
-                                const Real*, const int32_t*, const Real*, Real*, Real*);       \
-  template void experts_backward(const ExpertShape&, Activation, const Real*, const Real*,     \
-                                 const Real*, const int32_t*, const Real*, const Real*,        \
+#define FLASHMOE_INSTANTIATE_REFERENCE(Real)                                                       \
+  template std::vector<int> top_indices(const Real*, int, int);                                    \
+  template void topk_product(const Real*, const Real*, int, int, int32_t*, Real*);                 \
+  template Real log_softmax(const Real*, int, Real*);                                              \
+  template void router_forward(const RouterShape&, const Real*, bool, int32_t*, Real*, Real*);     \
+  template void router_gates(const RouterShape&, const Real*, const int32_t*, bool, Real*, Real*); \
+  template void router_backward(const RouterShape&, const Real*, const int32_t*, const Real*,      \
+                                const Real*, const Real*, bool, Real*);                            \
+  template void experts_forward(const ExpertShape&, Activation, const Real*, const Real*,          \
+                                const Real*, const int32_t*, const Real*, Real*, Real*);           \
+  template void experts_backward(const ExpertShape&, Activation, const Real*, const Real*,         \
+                                 const Real*, const int32_t*, const Real*, const Real*,            \
                                  const Real*, Real*, Real*, Real*, Real*);
 
 FLASHMOE_INSTANTIATE_REFERENCE(float)

@@ -35,8 +35,14 @@ struct RouterShape {
 
 // logits [T, H, 2, N] -> ids, gates [T, H, K], logsumexp [T, H, 2].
 template <class Real>
-void router_forward(const RouterShape& shape, const Real* logits, bool norm_topk_prob,
-                    int32_t* ids, Real* gates, Real* logsumexp);
+void router_forward(const RouterShape& shape, const Real* logits, bool norm_topk_prob, int32_t* ids,
+                    Real* gates, Real* logsumexp);
+
+// Gates and logsumexp for expert ids chosen elsewhere (ids [T, H, K] given): the
+// second half of router_forward, for comparing a layer whose selection is fixed.
+template <class Real>
+void router_gates(const RouterShape& shape, const Real* logits, const int32_t* ids,
+                  bool norm_topk_prob, Real* gates, Real* logsumexp);
 
 // dgates [T, H, K] -> dlogits [T, H, 2, N].
 template <class Real>

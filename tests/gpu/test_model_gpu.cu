@@ -11,6 +11,7 @@
 #include "kernels/attention.h"
 #include "kernels/cross_entropy.h"
 #include "kernels/embedding.h"
+#include "tests/gpu/graph_capture.h"
 #include "tests/test_util.h"
 #include "trainer/model.h"
 
@@ -317,21 +318,15 @@ TEST(ModelGpu, CudaGraphReplayEqualsEager) {
   Tensor tokens_in = Tensor::empty({4, 49}, DType::i32, Device::cuda);
   tokens_in.copy_from(x);
   graphed.forward_backward(tokens_in, 0.01);  // the first call allocates every buffer
-  cudaGraph_t graph;
-  cudaGraphExec_t exec;
-  CUDA_CHECK(cudaStreamBeginCapture(current_stream(), cudaStreamCaptureModeThreadLocal));
-  Tensor loss = graphed.forward_backward(tokens_in, 0.01);
-  CUDA_CHECK(cudaStreamEndCapture(current_stream(), &graph));
-  CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  Tensor loss;                                // shares storage with the model's loss buffer
+  test::CapturedGraph graph([&] { loss = graphed.forward_backward(tokens_in, 0.01); });
   for (int k : {1, 0}) {
     tokens_in.copy_from(k == 0 ? x : x2);
-    CUDA_CHECK(cudaGraphLaunch(exec, current_stream()));
+    graph.replay();
     synchronize_stream();
     EXPECT_EQ(loss.to_floats(), want_loss[k]) << "replay " << k;
     EXPECT_EQ(gradients(graphed), want_grads[k]) << "replay " << k;
   }
-  CUDA_CHECK(cudaGraphExecDestroy(exec));
-  CUDA_CHECK(cudaGraphDestroy(graph));
 }
 
 TEST(ModelGpu, OutOfRangeTokenGivesNanLoss) {

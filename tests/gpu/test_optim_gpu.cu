@@ -12,6 +12,7 @@
 #include "core/stream.h"
 #include "optim/adamw.h"
 #include "parallel/communicator.h"
+#include "tests/gpu/graph_capture.h"
 #include "tests/test_util.h"
 
 namespace flashmoe {
@@ -224,22 +225,15 @@ TEST(OptimGpu, CapturedStepReplaysLikeEagerSteps) {
   AdamW optimizer(test_config(), kTotalSteps, pointers(params));
   auto comm = make_local_communicator();
   load_gradients(specs, params, 0, Device::cuda);
-  cudaGraph_t graph = nullptr;
-  cudaGraphExec_t graph_exec = nullptr;
-  CUDA_CHECK(cudaStreamBeginCapture(current_stream(), cudaStreamCaptureModeThreadLocal));
-  optimizer.step(*comm, kGradScale);
-  CUDA_CHECK(cudaStreamEndCapture(current_stream(), &graph));
-  CUDA_CHECK(cudaGraphInstantiate(&graph_exec, graph, 0));
+  test::CapturedGraph graph([&] { optimizer.step(*comm, kGradScale); });
   EXPECT_EQ(optimizer.step_count(), 0) << "capture must not run the step";
 
   Outcome replayed;
   for (int step = 0; step < kSteps; ++step) {
     load_gradients(specs, params, step, Device::cuda);  // into the captured buffers
-    CUDA_CHECK(cudaGraphLaunch(graph_exec, current_stream()));
+    graph.replay();
     replayed.norms.push_back(optimizer.grad_norm());
   }
-  CUDA_CHECK(cudaGraphExecDestroy(graph_exec));
-  CUDA_CHECK(cudaGraphDestroy(graph));
   for (const Parameter& p : params) replayed.tensors.push_back(bytes_of(p.value));
   for (const OptimizerTensor& s : optimizer.state()) replayed.tensors.push_back(bytes_of(s.tensor));
 
