@@ -1,17 +1,49 @@
 // The CUDA stream every op launches on. One process-wide stream (not the legacy
 // default stream) so that a whole training step can be captured in a CUDA graph
-// and replayed: capture needs every launch and copy of the step on one stream.
+// and replayed: capture needs every launch and copy of the step on one stream, or
+// on streams forked from it and joined back with events.
 #pragma once
 
 #include <cuda_runtime.h>
 
 namespace flashmoe {
 
-// Created on first use as a blocking stream: work on the legacy default stream
-// (synchronous cudaMemcpy of host data) stays ordered with it.
+// The stream ops launch on now: the process-wide stream, unless a StreamScope of
+// this thread has redirected it.
 cudaStream_t current_stream();
 
 // Waits for everything queued on the current stream.
 void synchronize_stream();
+
+// Redirects this thread's ops to `stream` for the scope's lifetime (a side branch
+// that runs concurrently with the main one).
+class StreamScope {
+ public:
+  explicit StreamScope(cudaStream_t stream);
+  ~StreamScope();
+  StreamScope(const StreamScope&) = delete;
+  StreamScope& operator=(const StreamScope&) = delete;
+
+ private:
+  cudaStream_t previous_;
+};
+
+// A second stream for work that may overlap the current stream's: fork() makes it
+// wait for what is queued on the current stream so far, join() makes the current
+// stream wait for what was queued on it. Both are graph-capture safe.
+class SideStream {
+ public:
+  SideStream();
+  ~SideStream();
+  SideStream(const SideStream&) = delete;
+  SideStream& operator=(const SideStream&) = delete;
+  void fork();
+  void join();
+  cudaStream_t stream() const { return stream_; }
+
+ private:
+  cudaStream_t stream_ = nullptr;
+  cudaEvent_t forked_ = nullptr, joined_ = nullptr;
+};
 
 }  // namespace flashmoe

@@ -2,6 +2,7 @@
 
 #include <cmath>
 
+#include "core/stream.h"
 #include "kernels/elementwise.h"
 #include "kernels/linear.h"
 #include "kernels/swiglu.h"
@@ -60,6 +61,7 @@ FlashMoELayer::FlashMoELayer(int64_t dim, const MoeConfig& config, Device device
   batchnorm_.running_mean = Tensor::zeros({dim}, DType::f32, device);
   batchnorm_.running_var = Tensor::empty({dim}, DType::f32, device);
   batchnorm_.running_var.fill(1.0f);
+  if (device == Device::cuda) side_ = std::make_unique<SideStream>();
   batchnorm_.momentum = static_cast<float>(config.bn_momentum);
   batchnorm_.eps = static_cast<float>(config.bn_eps);
 }
@@ -88,6 +90,23 @@ void FlashMoELayer::backward_norm(const Tensor& dxn) {
   }
 }
 
+template <class Branch>
+void FlashMoELayer::run_shared_branch(Branch branch) {
+  if (config_.shared_intermediate == 0) return;
+  if (!side_) {
+    branch();
+    return;
+  }
+  // The dense GEMMs of the shared branch overlap the gather-bound routed branch.
+  side_->fork();
+  StreamScope on_side(side_->stream());
+  branch();
+}
+
+void FlashMoELayer::join_shared_branch() {
+  if (side_ && config_.shared_intermediate > 0) side_->join();
+}
+
 const Tensor& FlashMoELayer::forward(const Tensor& x, bool training) {
   FLASHMOE_CHECK(
       x.defined() && x.rank() == 2 && x.size(1) == dim_,
@@ -96,12 +115,18 @@ const Tensor& FlashMoELayer::forward(const Tensor& x, bool training) {
   expect_device(x, device_, "layer input");
   const int64_t T = x.size(0), H = config_.heads, K = config_.top_k;
   x_ = x;
-  forward_norm(training);
+  run_shared_branch([&] {
+    linear_forward(x_, w_gate_up_.value, gate_up_);
+    swiglu_forward(gate_up_, config_.act, hidden_);
+    linear_forward(hidden_, w_down_.value, y_shared_);
+  });
 
-  linear_forward(xn_, w_router_.value, logits_rows_);
+  forward_norm(training);
+  // fp32 logits even with bf16 storage: bf16 would tie many keys, and the tie rule
+  // (smaller id first) would then bias the selection toward low expert ids.
+  linear_forward(xn_, w_router_.value, logits_rows_, DType::f32);
   logits_ = logits_rows_.view({T, H, 2, num_keys_});
   router_forward(logits_, static_cast<int>(K), config_.norm_topk_prob, routing_);
-
   expert_in_ = {x_,
                 down_embed_.value,
                 up_embed_.value,
@@ -110,11 +135,9 @@ const Tensor& FlashMoELayer::forward(const Tensor& x, bool training) {
                 config_.act,
                 /*validate_ids=*/false};
   experts_forward(expert_in_, y_routed_, h_);
-  if (config_.shared_intermediate == 0) return y_routed_;
 
-  linear_forward(x_, w_gate_up_.value, gate_up_);
-  swiglu_forward(gate_up_, config_.act, hidden_);
-  linear_forward(hidden_, w_down_.value, y_shared_);
+  if (config_.shared_intermediate == 0) return y_routed_;
+  join_shared_branch();
   add(y_shared_, y_routed_, y_);
   return y_;
 }
@@ -124,6 +147,13 @@ const Tensor& FlashMoELayer::backward(const Tensor& dy) {
   expect_shape(dy, x_.shape(), "layer dy");
   expect_dtype(dy, dtype_, "layer dy");
   const int64_t T = x_.size(0), H = config_.heads, K = config_.top_k;
+  run_shared_branch([&] {
+    linear_backward_weight(dy, hidden_, w_down_.grad, false);
+    linear_backward_input(dy, w_down_.value, dhidden_);
+    swiglu_backward(gate_up_, dhidden_, config_.act, dgate_up_);
+    linear_backward_weight(dgate_up_, x_, w_gate_up_.grad, false);
+    linear_backward_input(dgate_up_, w_gate_up_.value, dx_shared_);
+  });
 
   experts_backward(expert_in_, h_, dy, expert_grad_layout_, expert_grads_);
   down_embed_.grad = expert_grads_.d_down;
@@ -144,12 +174,7 @@ const Tensor& FlashMoELayer::backward(const Tensor& dy) {
   backward_norm(dxn_);
   add(expert_grads_.dx, dx_norm_, dx_);
   if (config_.shared_intermediate == 0) return dx_;
-
-  linear_backward_weight(dy, hidden_, w_down_.grad, false);
-  linear_backward_input(dy, w_down_.value, dhidden_);
-  swiglu_backward(gate_up_, dhidden_, config_.act, dgate_up_);
-  linear_backward_weight(dgate_up_, x_, w_gate_up_.grad, false);
-  linear_backward_input(dgate_up_, w_gate_up_.value, dx_shared_);
+  join_shared_branch();
   add_into(dx_shared_, dx_);
   return dx_;
 }

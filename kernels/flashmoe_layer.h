@@ -9,11 +9,13 @@
 // can be captured in a CUDA graph.
 #pragma once
 
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "core/config.h"
 #include "core/parameter.h"
+#include "core/stream.h"
 #include "kernels/experts.h"
 #include "kernels/norm.h"
 #include "kernels/router.h"
@@ -34,7 +36,7 @@ class FlashMoELayer {
   const Tensor& backward(const Tensor& dy);
 
   std::vector<Parameter*> parameters();
-  const Tensor& router_logits() const { return logits_; }  // [T, H, 2, N]
+  const Tensor& router_logits() const { return logits_; }  // [T, H, 2, N] fp32
   const RouterOutputs& routing() const { return routing_; }
   RouterStats stats();                           // synchronises: for log intervals
   BatchNorm& batchnorm() { return batchnorm_; }  // its `sync` hook syncs statistics across ranks
@@ -45,6 +47,9 @@ class FlashMoELayer {
   DType dtype() const { return dtype_; }
 
  private:
+  template <class Branch>
+  void run_shared_branch(Branch branch);
+  void join_shared_branch();
   void forward_norm(bool training);
   void backward_norm(const Tensor& dxn);
 
@@ -61,6 +66,7 @@ class FlashMoELayer {
   Parameter down_embed_;  // [E, D]
   Parameter up_embed_;    // [E, D]
   BatchNorm batchnorm_;
+  std::unique_ptr<SideStream> side_;  // the shared branch's stream (cuda only)
 
   // Saved by forward for backward, and reused buffers.
   Tensor x_, xn_, rstd_, logits_rows_, logits_, gate_up_, hidden_, y_routed_, y_shared_, y_, h_;

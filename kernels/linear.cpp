@@ -48,11 +48,18 @@ void store(const std::vector<float>& values, Tensor& out) {
 }  // namespace
 
 void linear_forward(const Tensor& x, const Tensor& w, Tensor& y) {
+  linear_forward(x, w, y, x.dtype());
+}
+
+void linear_forward(const Tensor& x, const Tensor& w, Tensor& y, DType out_dtype) {
   check_pair(x, "x", w, "weight");
+  FLASHMOE_CHECK(out_dtype == x.dtype() || out_dtype == DType::f32,
+                 "linear output dtype " << dtype_name(out_dtype) << ", expected "
+                                        << dtype_name(x.dtype()) << " or fp32");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   FLASHMOE_CHECK(w.size(1) == K, "weight has shape " << shape_string(w.shape()) << ", expected ["
                                                      << N << ", " << K << "] to match x");
-  ensure(y, {M, N}, x.dtype(), x.device());
+  ensure(y, {M, N}, out_dtype, x.device());
   if (x.device() == Device::cuda) {
     // Column-major: y^T [N, M] = W [K, N]^T · x^T [K, M].
     detail::gemm_cuda(

@@ -1,4 +1,4 @@
-// cuBLASLt matrix products for linear.h. One handle and one workspace for the
+// cuBLASLt matrix products for linear.h. One handle and one workspace per stream for the
 // process; the algorithm for each shape is chosen once by the heuristic and
 // cached, so a given shape always runs the same algorithm (bitwise repeatable).
 #include <cublasLt.h>
@@ -47,10 +47,7 @@ void set_batch(cublasLtMatrixLayout_t layout, int64_t count, int64_t stride) {
 
 class GemmContext {
  public:
-  GemmContext() {
-    CUBLAS_CHECK(cublasLtCreate(&handle_));
-    CUDA_CHECK(cudaMalloc(&workspace_, kWorkspaceBytes));
-  }
+  GemmContext() { CUBLAS_CHECK(cublasLtCreate(&handle_)); }
 
   const Plan& plan(const GemmArgs& g, const GemmBatch& batch) {
     const PlanKey key{{g.trans_a, g.trans_b, g.m, g.n, g.k, g.lda, g.ldb, g.ldc, int(g.in),
@@ -63,7 +60,14 @@ class GemmContext {
   }
 
   cublasLtHandle_t handle() const { return handle_; }
-  void* workspace() const { return workspace_; }
+
+  // One workspace per stream: products on concurrent streams must not share one.
+  void* workspace(cudaStream_t stream) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    Tensor& w = workspaces_[stream];
+    if (!w.defined()) w = Tensor::empty({int64_t(kWorkspaceBytes / 8)}, DType::f64, Device::cuda);
+    return w.raw();
+  }
 
  private:
   Plan make_plan(const GemmArgs& g, const GemmBatch& batch) {
@@ -101,7 +105,7 @@ class GemmContext {
   }
 
   cublasLtHandle_t handle_ = nullptr;
-  void* workspace_ = nullptr;
+  std::map<cudaStream_t, Tensor> workspaces_;
   std::mutex mutex_;
   std::map<PlanKey, Plan> plans_;
 };
@@ -131,9 +135,9 @@ void gemm_cuda_batched(const GemmArgs& g, const GemmBatch& batch) {
   }
   const Plan& p = ctx.plan(g, batch);
   const float alpha = 1.0f;
+  cudaStream_t stream = current_stream();
   CUBLAS_CHECK(cublasLtMatmul(ctx.handle(), p.desc, &alpha, g.a, p.a, g.b, p.b, &g.beta, g.c, p.c,
-                              g.c, p.c, &p.algo, ctx.workspace(), kWorkspaceBytes,
-                              current_stream()));
+                              g.c, p.c, &p.algo, ctx.workspace(stream), kWorkspaceBytes, stream));
 }
 
 }  // namespace flashmoe::detail

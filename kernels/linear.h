@@ -3,7 +3,8 @@
 //   forward:         y  = x · W^T
 //   input gradient:  dx = dy · W
 //   weight gradient: dW = dy^T · x      (or dW += dy^T · x when accumulating)
-// x, W, y, dy, dx are fp32 or bf16 (one dtype per call); dW is fp32. Products
+// x, W, y, dy, dx are fp32 or bf16 (one dtype per call), except that the forward may
+// write y in fp32 from bf16 operands (the router's logits); dW is fp32. Products
 // accumulate in fp32: cuBLASLt on the GPU (fixed algorithm per shape, so results
 // repeat bit for bit), blocked loops on the CPU.
 #pragma once
@@ -12,7 +13,9 @@
 
 namespace flashmoe {
 
+// y in `out_dtype`: x's dtype or fp32.
 void linear_forward(const Tensor& x, const Tensor& w, Tensor& y);
+void linear_forward(const Tensor& x, const Tensor& w, Tensor& y, DType out_dtype);
 void linear_backward_input(const Tensor& dy, const Tensor& w, Tensor& dx);
 void linear_backward_weight(const Tensor& dy, const Tensor& x, Tensor& dw, bool accumulate);
 
