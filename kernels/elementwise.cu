@@ -1,30 +1,10 @@
 #include "core/philox.h"
-#include "kernels/elementwise.cuh"
 #include "kernels/elementwise.h"
+#include "kernels/op_utils.cuh"
 
 namespace flashmoe {
 
 namespace {
-
-// Runs op(i) for i < n: a loop on the CPU, a grid-stride kernel on the GPU.
-template <class Op>
-__global__ void for_each_kernel(Op op, int64_t n) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    op(i);
-  }
-}
-
-template <class Op>
-void for_each(Device device, int64_t n, Op op, const char* name) {
-  if (device == Device::cpu) {
-    for (int64_t i = 0; i < n; ++i) op(i);
-    return;
-  }
-  if (n == 0) return;
-  for_each_kernel<<<grid_for(n, 256), 256, 0, current_stream()>>>(op, n);
-  CUDA_CHECK_LAUNCH(name);
-}
 
 template <class A, class B, class Out>
 struct AddOp {
@@ -62,7 +42,8 @@ void with_float_data(const Tensor& t, F f) {
     case DType::bf16: f(t.data<bf16>()); break;
     case DType::f64: f(t.data<double>()); break;
     default:
-      FLASHMOE_FAIL("tensor has dtype " << dtype_name(t.dtype()) << ", expected fp32, bf16 or fp64");
+      FLASHMOE_FAIL("tensor has dtype " << dtype_name(t.dtype())
+                                        << ", expected fp32, bf16 or fp64");
   }
 }
 
@@ -75,7 +56,7 @@ void add(const Tensor& a, const Tensor& b, Tensor& out) {
   ensure(out, a.shape(), a.dtype(), a.device());
   with_float_data(a, [&](auto* pa) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(pa)>>;
-    for_each(a.device(), a.numel(), AddOp<T, T, T>{pa, b.data<T>(), out.data<T>()}, "add");
+    for_each_index(a.device(), a.numel(), AddOp<T, T, T>{pa, b.data<T>(), out.data<T>()}, "add");
   });
 }
 
@@ -86,7 +67,7 @@ void add_into(const Tensor& a, Tensor& out) {
     with_float_data(out, [&](auto* po) {
       using A = std::remove_pointer_t<decltype(pa)>;
       using O = std::remove_pointer_t<decltype(po)>;
-      for_each(a.device(), a.numel(), AddOp<O, A, O>{po, pa, po}, "add_into");
+      for_each_index(a.device(), a.numel(), AddOp<O, A, O>{po, pa, po}, "add_into");
     });
   });
 }
@@ -98,7 +79,7 @@ void convert(const Tensor& src, Tensor& dst) {
     with_float_data(dst, [&](auto* pd) {
       using S = std::remove_pointer_t<decltype(ps)>;
       using D = std::remove_pointer_t<decltype(pd)>;
-      for_each(src.device(), src.numel(), ConvertOp<S, D>{ps, pd}, "convert");
+      for_each_index(src.device(), src.numel(), ConvertOp<S, D>{ps, pd}, "convert");
     });
   });
 }
@@ -106,7 +87,8 @@ void convert(const Tensor& src, Tensor& dst) {
 void init_uniform(Tensor& t, uint64_t seed, uint64_t stream, float bound, int64_t offset) {
   with_float_data(t, [&](auto* p) {
     using T = std::remove_pointer_t<decltype(p)>;
-    for_each(t.device(), t.numel(), UniformOp<T>{p, seed, stream, bound, offset}, "init_uniform");
+    for_each_index(t.device(), t.numel(), UniformOp<T>{p, seed, stream, bound, offset},
+                   "init_uniform");
   });
 }
 

@@ -1,5 +1,4 @@
-// Helpers for the model's ops (attention, embedding, cross-entropy), which keep their
-// CPU and CUDA bodies side by side:
+// Helpers for ops that keep their CPU and CUDA bodies side by side:
 //   for_each_index(device, n, op, name): op(i) for every i < n, as a loop on the CPU
 //       or a grid-stride kernel on the current stream. `op` is a small copyable
 //       functor with a FLASHMOE_HD call operator, so one body serves both backends.
