@@ -28,7 +28,7 @@ float fan_in_bound(int64_t fan_in) { return fan_in > 0 ? 1.0f / std::sqrt(float(
 }  // namespace
 
 FlashMoELayer::FlashMoELayer(int64_t dim, const MoeConfig& config, Device device, DType dtype,
-                             uint64_t seed, uint64_t stream_base)
+                             uint64_t seed, uint64_t stream_base, Communicator* comm)
     : dim_(dim),
       config_(config),
       num_keys_(num_keys_for(config.num_experts)),
@@ -39,8 +39,14 @@ FlashMoELayer::FlashMoELayer(int64_t dim, const MoeConfig& config, Device device
                  "moe.top_k is " << config.top_k << ", expected 1 <= top_k <= num_experts = "
                                  << config.num_experts);
   const int64_t I = config.shared_intermediate, E = config.num_experts, H = config.heads;
+  // The layout of the whole table, so that every world size updates the same rows.
   expert_grad_layout_ =
       E * dim > kDenseExpertGradLimit ? GradLayout::row_sparse : GradLayout::dense;
+  if (comm && comm->size() > 1) {
+    exchange_ = std::make_unique<ExpertExchange>(*comm, E);
+    batchnorm_.sync = [comm](Tensor& partial_sums) { comm->all_reduce_sum(partial_sums); };
+  }
+  const int64_t local_E = exchange_ ? exchange_->local_experts() : E;
   w_gate_up_ = make_parameter("w_gate_up", {2 * I, dim}, dtype, device, seed, stream_base + 0,
                               fan_in_bound(dim));
   w_down_ =
@@ -51,12 +57,13 @@ FlashMoELayer::FlashMoELayer(int64_t dim, const MoeConfig& config, Device device
     const bool down = table == &down_embed_;
     Parameter& p = *table;
     p.name = down ? "down_embed" : "up_embed";
-    p.value = Tensor::empty({E, dim}, dtype, device);
-    init_uniform(p.value, seed, stream_base + (down ? 3 : 4), fan_in_bound(dim));
+    p.value = Tensor::empty({local_E, dim}, dtype, device);
+    init_uniform(p.value, seed, stream_base + (down ? 3 : 4), fan_in_bound(dim),
+                 first_local_expert() * dim);
     p.expert_table = true;
     p.weight_decay = false;
     if (expert_grad_layout_ == GradLayout::dense)
-      p.grad = Tensor::zeros({E, dim}, DType::f32, device);
+      p.grad = Tensor::zeros({local_E, dim}, DType::f32, device);
   }
   batchnorm_.running_mean = Tensor::zeros({dim}, DType::f32, device);
   batchnorm_.running_var = Tensor::empty({dim}, DType::f32, device);
@@ -107,6 +114,35 @@ void FlashMoELayer::join_shared_branch() {
   if (side_ && config_.shared_intermediate > 0) side_->join();
 }
 
+ExpertInputs FlashMoELayer::expert_inputs(const Tensor& x, const Tensor& ids,
+                                          const Tensor& gates) const {
+  return {x, down_embed_.value, up_embed_.value, ids, gates, config_.act, /*validate_ids=*/false};
+}
+
+// One rank computes its tokens directly; P ranks compute the rows their experts own.
+void FlashMoELayer::routed_forward(const Tensor& ids, const Tensor& gates) {
+  if (!exchange_) {
+    expert_in_ = expert_inputs(x_, ids, gates);
+    experts_forward(expert_in_, y_routed_, h_);
+    return;
+  }
+  const ExpertRows& owned = exchange_->dispatch(x_, ids, gates);
+  expert_in_ = expert_inputs(owned.x, owned.ids, owned.gates);
+  experts_forward(expert_in_, y_partial_, h_);
+  exchange_->combine(y_partial_, y_routed_);
+}
+
+std::pair<const Tensor*, const Tensor*> FlashMoELayer::routed_backward(const Tensor& dy) {
+  experts_backward(expert_in_, h_, exchange_ ? exchange_->dispatch_grad(dy) : dy,
+                   expert_grad_layout_, expert_grads_);
+  down_embed_.grad = expert_grads_.d_down;
+  up_embed_.grad = expert_grads_.d_up;
+  down_embed_.rows = up_embed_.rows = expert_grads_.rows;
+  if (!exchange_) return {&expert_grads_.dx, &expert_grads_.dgates};
+  exchange_->combine_grad(expert_grads_.dx, expert_grads_.dgates, dx_routed_, dgates_routed_);
+  return {&dx_routed_, &dgates_routed_};
+}
+
 const Tensor& FlashMoELayer::forward(const Tensor& x, bool training) {
   FLASHMOE_CHECK(
       x.defined() && x.rank() == 2 && x.size(1) == dim_,
@@ -127,14 +163,7 @@ const Tensor& FlashMoELayer::forward(const Tensor& x, bool training) {
   linear_forward(xn_, w_router_.value, logits_rows_, DType::f32);
   logits_ = logits_rows_.view({T, H, 2, num_keys_});
   router_forward(logits_, static_cast<int>(K), config_.norm_topk_prob, routing_);
-  expert_in_ = {x_,
-                down_embed_.value,
-                up_embed_.value,
-                routing_.expert_ids.view({T, H * K}),
-                routing_.gates.view({T, H * K}),
-                config_.act,
-                /*validate_ids=*/false};
-  experts_forward(expert_in_, y_routed_, h_);
+  routed_forward(routing_.expert_ids.view({T, H * K}), routing_.gates.view({T, H * K}));
 
   if (config_.shared_intermediate == 0) return y_routed_;
   join_shared_branch();
@@ -155,14 +184,9 @@ const Tensor& FlashMoELayer::backward(const Tensor& dy) {
     linear_backward_input(dgate_up_, w_gate_up_.value, dx_shared_);
   });
 
-  experts_backward(expert_in_, h_, dy, expert_grad_layout_, expert_grads_);
-  down_embed_.grad = expert_grads_.d_down;
-  up_embed_.grad = expert_grads_.d_up;
-  down_embed_.rows = up_embed_.rows = expert_grads_.rows;
-
+  const auto [dx_routed, dgates] = routed_backward(dy);
   ensure(dlogits_, logits_.shape(), DType::f32, device_);
-  router_backward(logits_, routing_, expert_grads_.dgates.view({T, H, K}), config_.norm_topk_prob,
-                  dlogits_);
+  router_backward(logits_, routing_, dgates->view({T, H, K}), config_.norm_topk_prob, dlogits_);
   Tensor dq = dlogits_.view({T, H * 2 * num_keys_});
   if (dtype_ != DType::f32) {
     ensure(dlogits_cast_, dq.shape(), dtype_, device_);
@@ -172,7 +196,7 @@ const Tensor& FlashMoELayer::backward(const Tensor& dy) {
   linear_backward_weight(dq, xn_, w_router_.grad, false);
   linear_backward_input(dq, w_router_.value, dxn_);
   backward_norm(dxn_);
-  add(expert_grads_.dx, dx_norm_, dx_);
+  add(*dx_routed, dx_norm_, dx_);
   if (config_.shared_intermediate == 0) return dx_;
   join_shared_branch();
   add_into(dx_shared_, dx_);

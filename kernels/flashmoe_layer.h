@@ -7,10 +7,19 @@
 // same values; gradients are fp32. Buffers are allocated on the first call and
 // reused; forward and backward never synchronise with the host, so a whole step
 // can be captured in a CUDA graph.
+//
+// Expert parallelism (SPEC section 4): given a communicator of P > 1 ranks, the layer
+// holds only its rank's shard of the expert tables (rows [r E/P, (r + 1) E/P), with the
+// values of the full table's rows), routes its own tokens with the full router, and
+// computes the routed branch through parallel/expert_parallel.h; its batchnorm
+// statistics are summed across the ranks. Its replicated parameters' gradients are this
+// rank's share: the caller sums them across ranks. With P > 1 the forward and backward
+// wait for the device (the exchange plan is built on the host).
 #pragma once
 
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "core/config.h"
@@ -20,15 +29,17 @@
 #include "kernels/norm.h"
 #include "kernels/router.h"
 #include "kernels/router_stats.h"
+#include "parallel/expert_parallel.h"
 
 namespace flashmoe {
 
 class FlashMoELayer {
  public:
   // `seed` and `stream_base` pick the Philox streams of the parameters, so layers of
-  // one model draw distinct values.
+  // one model draw distinct values. `comm`: the ranks the experts are sharded over
+  // (outlives the layer); nullptr or one rank keeps every expert here.
   FlashMoELayer(int64_t dim, const MoeConfig& config, Device device, DType dtype, uint64_t seed,
-                uint64_t stream_base);
+                uint64_t stream_base, Communicator* comm = nullptr);
 
   // y [T, D] for x [T, D]; `training` selects batch or running statistics.
   const Tensor& forward(const Tensor& x, bool training);
@@ -41,7 +52,8 @@ class FlashMoELayer {
   RouterStats stats();                           // synchronises: for log intervals
   BatchNorm& batchnorm() { return batchnorm_; }  // its `sync` hook syncs statistics across ranks
 
-  int64_t num_experts() const { return config_.num_experts; }
+  int64_t num_experts() const { return config_.num_experts; }  // all ranks' experts
+  int64_t first_local_expert() const { return exchange_ ? exchange_->first_expert() : 0; }
   int num_keys() const { return num_keys_; }
   Device device() const { return device_; }
   DType dtype() const { return dtype_; }
@@ -52,6 +64,11 @@ class FlashMoELayer {
   void join_shared_branch();
   void forward_norm(bool training);
   void backward_norm(const Tensor& dxn);
+  ExpertInputs expert_inputs(const Tensor& x, const Tensor& ids, const Tensor& gates) const;
+  void routed_forward(const Tensor& ids, const Tensor& gates);
+  // Fills expert_grads_ and the tables' gradients; returns {dx, dgates} of this rank's
+  // tokens.
+  std::pair<const Tensor*, const Tensor*> routed_backward(const Tensor& dy);
 
   int64_t dim_;
   MoeConfig config_;
@@ -66,7 +83,8 @@ class FlashMoELayer {
   Parameter down_embed_;  // [E, D]
   Parameter up_embed_;    // [E, D]
   BatchNorm batchnorm_;
-  std::unique_ptr<SideStream> side_;  // the shared branch's stream (cuda only)
+  std::unique_ptr<SideStream> side_;          // the shared branch's stream (cuda only)
+  std::unique_ptr<ExpertExchange> exchange_;  // P > 1 only
 
   // Saved by forward for backward, and reused buffers.
   Tensor x_, xn_, rstd_, logits_rows_, logits_, gate_up_, hidden_, y_routed_, y_shared_, y_, h_;
@@ -76,6 +94,7 @@ class FlashMoELayer {
   ExpertGrads expert_grads_;
   Tensor dlogits_, dlogits_cast_, dxn_, dx_norm_, dhidden_, dgate_up_, dx_shared_, dx_;
   Tensor unused_gain_grad_, stats_workspace_;
+  Tensor y_partial_, dx_routed_, dgates_routed_;  // expert parallelism
 };
 
 }  // namespace flashmoe

@@ -36,6 +36,10 @@ class Communicator {
 // Checks an all_to_all count vector: one non-negative count per rank.
 void check_counts(const std::vector<int64_t>& counts, int world_size, const char* what);
 
+// Bytes of one row of t (its trailing shape): the unit of all_to_all counts, defined
+// also for a tensor of zero rows.
+int64_t row_bytes(const Tensor& t);
+
 // The single-rank communicator: every collective is the identity.
 std::unique_ptr<Communicator> make_local_communicator();
 

@@ -9,6 +9,14 @@ void check_counts(const std::vector<int64_t>& counts, int world_size, const char
   for (int64_t c : counts) FLASHMOE_CHECK(c >= 0, what << " holds " << c << ", expected >= 0");
 }
 
+int64_t row_bytes(const Tensor& t) {
+  FLASHMOE_CHECK(t.rank() >= 1, "all_to_all buffer has shape " << shape_string(t.shape())
+                                                               << ", expected rows [N, ...]");
+  int64_t bytes = static_cast<int64_t>(dtype_size(t.dtype()));
+  for (int d = 1; d < t.rank(); ++d) bytes *= t.size(d);
+  return bytes;
+}
+
 namespace {
 class LocalCommunicator final : public Communicator {
  public:

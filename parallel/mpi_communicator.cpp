@@ -34,10 +34,6 @@ int to_int(int64_t value, const char* what) {
   return static_cast<int>(value);
 }
 
-int64_t row_bytes(const Tensor& t) {
-  return t.size(0) ? static_cast<int64_t>(t.nbytes()) / t.size(0) : 0;
-}
-
 class MpiCommunicator final : public Communicator {
  public:
   explicit MpiCommunicator(MPI_Comm comm) : comm_(comm) {
@@ -76,9 +72,9 @@ class MpiCommunicator final : public Communicator {
     check_counts(send_counts, size_, "all_to_all send counts");
     check_counts(recv_counts, size_, "all_to_all receive counts");
     const int64_t bytes_per_row = row_bytes(send);
-    FLASHMOE_CHECK(send.size(0) == 0 || recv.size(0) == 0 || bytes_per_row == row_bytes(recv),
+    FLASHMOE_CHECK(bytes_per_row == row_bytes(recv),
                    "all_to_all buffers have rows of " << bytes_per_row << " and " << row_bytes(recv)
-                                                      << " bytes");
+                                                      << " bytes, expected equal rows");
     std::vector<int> scounts(size_), sdispls(size_), rcounts(size_), rdispls(size_);
     int64_t soff = 0, roff = 0;
     for (int p = 0; p < size_; ++p) {

@@ -53,8 +53,7 @@ class NcclCommunicator final : public Communicator {
     expect_device(recv, Device::cuda, "NCCL all_to_all receive buffer");
     check_counts(send_counts, size_, "all_to_all send counts");
     check_counts(recv_counts, size_, "all_to_all receive counts");
-    const int64_t send_row = send.size(0) ? send.nbytes() / send.size(0) : 0;
-    const int64_t recv_row = recv.size(0) ? recv.nbytes() / recv.size(0) : 0;
+    const int64_t send_row = row_bytes(send), recv_row = row_bytes(recv);
     const auto* sbase = static_cast<const uint8_t*>(send.raw());
     auto* rbase = static_cast<uint8_t*>(recv.raw());
     int64_t send_total = 0, recv_total = 0;

@@ -1,0 +1,111 @@
+// Expert parallelism (SPEC section 4) on the ranks of this job: the layer on P ranks, each
+// with its shard of a global batch, against a single-rank layer on the whole batch, which
+// every rank computes locally.
+#include <gtest/gtest.h>
+
+#include "parallel/mpi_communicator.h"
+#include "tests/layer_compare.h"
+
+namespace flashmoe {
+namespace {
+
+constexpr double kTolerance = 1e-6;
+
+struct ShardedCase {
+  test::LayerCase layer;  // T is the global batch
+  const char* name;
+};
+
+class ExpertParallelLayer : public testing::TestWithParam<ShardedCase> {
+ protected:
+  std::unique_ptr<Communicator> comm_ = make_mpi_communicator(MPI_COMM_WORLD);
+};
+
+// This rank's rows [r T/P, (r+1) T/P) of a global [T, ...] tensor.
+Tensor shard_rows(const Tensor& t, const Communicator& comm) {
+  const int64_t rows = t.size(0) / comm.size();
+  return t.rows(comm.rank() * rows, (comm.rank() + 1) * rows);
+}
+
+std::vector<double> summed(const Tensor& grad, Communicator& comm) {
+  Tensor sum = grad.to(Device::cpu);
+  Tensor copy = Tensor::empty(sum.shape(), sum.dtype(), Device::cpu);
+  copy.copy_from(sum);
+  comm.all_reduce_sum(copy);
+  return copy.to_doubles();
+}
+
+TEST_P(ExpertParallelLayer, MatchesOneRankOnTheGlobalBatch) {
+  const test::LayerCase& c = GetParam().layer;
+  const int P = comm_->size();
+  ASSERT_EQ(c.T % P, 0);
+  const MoeConfig config = test::moe_config(c);
+  FlashMoELayer whole(c.D, config, Device::cpu, DType::f32, 7, 100);
+  FlashMoELayer sharded(c.D, config, Device::cpu, DType::f32, 7, 100, comm_.get());
+  const Tensor x = test::random_input({c.T, c.D}, DType::f32, Device::cpu, 11);
+  const Tensor dy = test::random_input({c.T, c.D}, DType::f32, Device::cpu, 12);
+
+  const std::vector<double> y_whole = whole.forward(x, true).to_doubles();
+  const std::vector<double> dx_whole = whole.backward(dy).to_doubles();
+  const Tensor y = sharded.forward(shard_rows(x, *comm_), true);
+  EXPECT_EQ(sharded.routing().expert_ids.to_vector<int32_t>(),
+            shard_rows(whole.routing().expert_ids, *comm_).to_vector<int32_t>());
+  const Tensor dx = sharded.backward(shard_rows(dy, *comm_));
+
+  const int64_t rows = c.T / P, first = comm_->rank() * rows;
+  auto rows_of = [&](const std::vector<double>& v, int64_t begin, int64_t count, int64_t width) {
+    return std::vector<double>(v.begin() + begin * width, v.begin() + (begin + count) * width);
+  };
+  EXPECT_LT(test::relative_error(y.to_doubles(), rows_of(y_whole, first, rows, c.D)), kTolerance);
+  EXPECT_LT(test::relative_error(dx.to_doubles(), rows_of(dx_whole, first, rows, c.D)), kTolerance);
+  const std::vector<Parameter*> mine = sharded.parameters(), all = whole.parameters();
+  const int64_t local_E = c.E / P, first_expert = sharded.first_local_expert();
+  EXPECT_EQ(first_expert, comm_->rank() * local_E);
+  for (size_t i = 0; i < mine.size(); ++i) {
+    SCOPED_TRACE(mine[i]->name);
+    if (!mine[i]->expert_table) {
+      EXPECT_EQ(mine[i]->value.to_floats(), all[i]->value.to_floats());
+      EXPECT_LT(test::relative_error(summed(mine[i]->grad, *comm_), all[i]->grad.to_doubles()),
+                kTolerance);
+      continue;
+    }
+    EXPECT_EQ(mine[i]->value.to_floats(),
+              all[i]->value.rows(first_expert, first_expert + local_E).to_floats());
+    EXPECT_LT(
+        test::relative_error(mine[i]->grad.to_doubles(),
+                             all[i]->grad.rows(first_expert, first_expert + local_E).to_doubles()),
+        kTolerance);
+  }
+  EXPECT_LT(test::relative_error(sharded.batchnorm().running_var, whole.batchnorm().running_var),
+            kTolerance);
+  EXPECT_LT(test::relative_error(sharded.batchnorm().running_mean, whole.batchnorm().running_mean),
+            kTolerance);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Cases, ExpertParallelLayer,
+    testing::Values(
+        ShardedCase{{64, 32, 16, 64, 2, 4, Activation::silu, RouterNorm::batchnorm, true},
+                    "BatchnormTwoHeads"},
+        ShardedCase{{48, 24, 0, 144, 3, 2, Activation::gelu, RouterNorm::batchnorm, true},
+                    "BatchnormThreeHeadsNoShared"},
+        ShardedCase{{32, 16, 8, 16, 1, 3, Activation::relu, RouterNorm::rmsnorm, false},
+                    "RmsnormFewExperts"}),
+    [](const testing::TestParamInfo<ShardedCase>& info) { return std::string(info.param.name); });
+
+TEST(ExpertParallelConfig, ExpertsNotDivisibleByRanksAreRefused) {
+  std::unique_ptr<Communicator> comm = make_mpi_communicator(MPI_COMM_WORLD);
+  if (comm->size() == 1) GTEST_SKIP() << "needs more than one rank";
+  const int64_t E = comm->size() % 3 == 0 ? 16 : 9;  // a product-key square P does not divide
+  test::LayerCase c{8, 8, 0, E, 1, 1, Activation::silu, RouterNorm::none, false};
+  try {
+    FlashMoELayer layer(c.D, test::moe_config(c), Device::cpu, DType::f32, 1, 0, comm.get());
+    ADD_FAILURE() << "expected an error for " << c.E << " experts on " << comm->size() << " ranks";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("expected a multiple of the"), std::string::npos)
+        << e.what();
+  }
+}
+
+}  // namespace
+}  // namespace flashmoe
