@@ -69,7 +69,7 @@ bool is_moe_block(const ModelConfig& c, int64_t l) {
 // One pre-norm block: attention sub-block, then the FFN sub-block (FlashMoE or dense SwiGLU).
 struct Model::Block {
   Block(const ModelConfig& model, const MoeConfig& moe_config, int64_t index, Device device,
-        DType dtype, uint64_t seed);
+        DType dtype, uint64_t seed, Communicator* comm);
 
   const Tensor& forward(const Tensor& x, int64_t batch, bool training, AttentionWorkspace& ws);
   // dx for dout = d(block output); the block's forward input must still be alive.
@@ -94,7 +94,7 @@ struct Model::Block {
 };
 
 Model::Block::Block(const ModelConfig& model, const MoeConfig& moe_config, int64_t index,
-                    Device device, DType dtype, uint64_t seed)
+                    Device device, DType dtype, uint64_t seed, Communicator* comm)
     : eps(static_cast<float>(model.norm_eps)),
       attention(model.n_heads, model.d_model / model.n_heads,
                 model.pos_embedding == PosEmbedding::rope
@@ -110,7 +110,7 @@ Model::Block::Block(const ModelConfig& model, const MoeConfig& moe_config, int64
   ffn_gain = gain_parameter(prefix + "ffn_norm.gain", D, device);
   if (is_moe_block(model, index)) {
     moe = std::make_unique<FlashMoELayer>(D, moe_config, device, dtype, seed,
-                                          stream + kMoeStreamOffset);
+                                          stream + kMoeStreamOffset, comm);
     for (Parameter* p : moe->parameters()) p->name = prefix + "moe." + p->name;
     moe_grad_sums.resize(moe->parameters().size());
     return;
@@ -198,7 +198,7 @@ const Tensor& Model::Block::moe_backward(const Tensor& dout, bool accumulate) {
 }
 
 Model::Model(const ModelConfig& model, const MoeConfig& moe, Device device, DType dtype,
-             uint64_t seed)
+             uint64_t seed, Communicator* comm)
     : config_(model), device_(device), dtype_(dtype) {
   check_model_config(model);
   FLASHMOE_CHECK(dtype == DType::f32 || dtype == DType::bf16,
@@ -209,7 +209,7 @@ Model::Model(const ModelConfig& model, const MoeConfig& moe, Device device, DTyp
     pos_embed_ = matrix_parameter("pos_embed", {model.seq_len, D}, dtype, device, seed, 1);
   }
   for (int64_t l = 0; l < model.n_layers; ++l) {
-    blocks_.push_back(std::make_unique<Block>(model, moe, l, device, dtype, seed));
+    blocks_.push_back(std::make_unique<Block>(model, moe, l, device, dtype, seed, comm));
   }
   final_gain_ = gain_parameter("final_norm.gain", D, device);
 }

@@ -48,7 +48,9 @@ namespace flashmoe {
 
 class Model {
  public:
-  Model(const ModelConfig& model, const MoeConfig& moe, Device device, DType dtype, uint64_t seed);
+  // `comm`: the ranks the FlashMoE layers shard their experts over (nullptr: one rank).
+  Model(const ModelConfig& model, const MoeConfig& moe, Device device, DType dtype, uint64_t seed,
+        Communicator* comm = nullptr);
   ~Model();
 
   // tokens [B, L+1] int32 on the model's device, 1 <= L <= model.seq_len. Runs the forward

@@ -42,11 +42,8 @@ Trainer::Trainer(const RunConfig& config, Communicator& comm)
       comm_(comm),
       device_(config.train.device),
       data_(config, comm.rank(), comm.size()) {
-  FLASHMOE_CHECK(
-      comm.size() == 1,
-      "world size is " << comm.size() << ", expected 1: expert parallelism is not implemented yet");
   model_ = std::make_unique<Model>(config.model, config.moe, device_,
-                                   storage_dtype(config.train.precision), config.train.seed);
+                                   storage_dtype(config.train.precision), config.train.seed, &comm);
   optimizer_ = std::make_unique<AdamW>(config.optim, config.train.steps, model_->parameters());
   stager_ = std::make_unique<TokenStager>(device_);
   loss_sum_ = Tensor::zeros({}, DType::f32, device_);
@@ -116,14 +113,25 @@ void Trainer::train_step() {
     const Tensor& tokens = stager_->stage(batch.tokens, batch.sequences, batch.seq_len + 1);
     add_into(model_->forward_backward(tokens, loss_scale, /*accumulate=*/micro > 0), loss_sum_);
   }
+  sum_replicated_gradients();
   optimizer_->step(comm_);
   ++step_;
   tokens_seen_ += config_.train.batch_tokens;
 }
 
+// Each rank's gradients of the replicated parameters cover its own tokens (already
+// scaled by the global token count); expert shards are complete on their owner.
+void Trainer::sum_replicated_gradients() {
+  if (comm_.size() == 1) return;
+  for (Parameter* p : model_->parameters()) {
+    if (!p->expert_table) comm_.all_reduce_sum(p->grad);
+  }
+}
+
 StepLog Trainer::log_step(std::chrono::steady_clock::time_point since, int64_t steps_since) {
   StepLog log{};
   log.step = step_;
+  comm_.all_reduce_sum(loss_sum_);    // each rank's share of the global mean
   log.loss = read_scalar(loss_sum_);  // waits for the device: the interval's one sync
   log.grad_norm = optimizer_->grad_norm();
   log.lr = scheduled_lr(config_.optim, config_.train.steps, step_ - 1);

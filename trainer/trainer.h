@@ -52,6 +52,7 @@ class Trainer {
  private:
   void resume_if_asked();
   void train_step();
+  void sum_replicated_gradients();
   StepLog log_step(std::chrono::steady_clock::time_point since, int64_t steps_since);
   void save_checkpoint();
   bool stop_agreed();
