@@ -1,6 +1,7 @@
 // Expert parallelism (SPEC section 4) on the ranks of this job: the layer on P ranks, each
 // with its shard of a global batch, against a single-rank layer on the whole batch, which
 // every rank computes locally.
+#include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
 #include "parallel/mpi_communicator.h"
@@ -18,7 +19,8 @@ struct ShardedCase {
 
 class ExpertParallelLayer : public testing::TestWithParam<ShardedCase> {
  protected:
-  std::unique_ptr<Communicator> comm_ = make_mpi_communicator(MPI_COMM_WORLD);
+  // Host collectives of the checks; the layers use their own communicator.
+  std::unique_ptr<Communicator> host_comm_ = make_mpi_communicator(MPI_COMM_WORLD);
 };
 
 // This rank's rows [r T/P, (r+1) T/P) of a global [T, ...] tensor.
@@ -27,32 +29,40 @@ Tensor shard_rows(const Tensor& t, const Communicator& comm) {
   return t.rows(comm.rank() * rows, (comm.rank() + 1) * rows);
 }
 
-std::vector<double> summed(const Tensor& grad, Communicator& comm) {
+std::vector<double> summed(const Tensor& grad, Communicator& host_comm) {
   Tensor sum = grad.to(Device::cpu);
-  Tensor copy = Tensor::empty(sum.shape(), sum.dtype(), Device::cpu);
-  copy.copy_from(sum);
-  comm.all_reduce_sum(copy);
-  return copy.to_doubles();
+  host_comm.all_reduce_sum(sum);
+  return sum.to_doubles();
 }
 
-TEST_P(ExpertParallelLayer, MatchesOneRankOnTheGlobalBatch) {
-  const test::LayerCase& c = GetParam().layer;
-  const int P = comm_->size();
+// NCCL over one GPU per rank, created once: the device must be chosen before it.
+Communicator& nccl_communicator() {
+  static std::unique_ptr<Communicator> comm = [] {
+    int rank = 0;
+    MPI_CHECK(MPI_Comm_rank(MPI_COMM_WORLD, &rank));
+    CUDA_CHECK(cudaSetDevice(rank));
+    return make_nccl_communicator(MPI_COMM_WORLD);
+  }();
+  return *comm;
+}
+
+void expect_matches_one_rank(const test::LayerCase& c, Device device, Communicator& comm,
+                             Communicator& host_comm) {
+  const int P = comm.size();
   ASSERT_EQ(c.T % P, 0);
   const MoeConfig config = test::moe_config(c);
-  FlashMoELayer whole(c.D, config, Device::cpu, DType::f32, 7, 100);
-  FlashMoELayer sharded(c.D, config, Device::cpu, DType::f32, 7, 100, comm_.get());
-  const Tensor x = test::random_input({c.T, c.D}, DType::f32, Device::cpu, 11);
-  const Tensor dy = test::random_input({c.T, c.D}, DType::f32, Device::cpu, 12);
+  FlashMoELayer whole(c.D, config, device, DType::f32, 7, 100);
+  FlashMoELayer sharded(c.D, config, device, DType::f32, 7, 100, &comm);
+  const Tensor x = test::random_input({c.T, c.D}, DType::f32, device, 11);
+  const Tensor dy = test::random_input({c.T, c.D}, DType::f32, device, 12);
 
   const std::vector<double> y_whole = whole.forward(x, true).to_doubles();
   const std::vector<double> dx_whole = whole.backward(dy).to_doubles();
-  const Tensor y = sharded.forward(shard_rows(x, *comm_), true);
+  const Tensor y = sharded.forward(shard_rows(x, comm), true);
   EXPECT_EQ(sharded.routing().expert_ids.to_vector<int32_t>(),
-            shard_rows(whole.routing().expert_ids, *comm_).to_vector<int32_t>());
-  const Tensor dx = sharded.backward(shard_rows(dy, *comm_));
-
-  const int64_t rows = c.T / P, first = comm_->rank() * rows;
+            shard_rows(whole.routing().expert_ids, comm).to_vector<int32_t>());
+  const Tensor dx = sharded.backward(shard_rows(dy, comm));
+  const int64_t rows = c.T / P, first = comm.rank() * rows;
   auto rows_of = [&](const std::vector<double>& v, int64_t begin, int64_t count, int64_t width) {
     return std::vector<double>(v.begin() + begin * width, v.begin() + (begin + count) * width);
   };
@@ -60,12 +70,12 @@ TEST_P(ExpertParallelLayer, MatchesOneRankOnTheGlobalBatch) {
   EXPECT_LT(test::relative_error(dx.to_doubles(), rows_of(dx_whole, first, rows, c.D)), kTolerance);
   const std::vector<Parameter*> mine = sharded.parameters(), all = whole.parameters();
   const int64_t local_E = c.E / P, first_expert = sharded.first_local_expert();
-  EXPECT_EQ(first_expert, comm_->rank() * local_E);
+  EXPECT_EQ(first_expert, comm.rank() * local_E);
   for (size_t i = 0; i < mine.size(); ++i) {
     SCOPED_TRACE(mine[i]->name);
     if (!mine[i]->expert_table) {
       EXPECT_EQ(mine[i]->value.to_floats(), all[i]->value.to_floats());
-      EXPECT_LT(test::relative_error(summed(mine[i]->grad, *comm_), all[i]->grad.to_doubles()),
+      EXPECT_LT(test::relative_error(summed(mine[i]->grad, host_comm), all[i]->grad.to_doubles()),
                 kTolerance);
       continue;
     }
@@ -82,6 +92,19 @@ TEST_P(ExpertParallelLayer, MatchesOneRankOnTheGlobalBatch) {
             kTolerance);
 }
 
+TEST_P(ExpertParallelLayer, MatchesOneRankOnTheGlobalBatch) {
+  expect_matches_one_rank(GetParam().layer, Device::cpu, *host_comm_, *host_comm_);
+}
+
+// The same on one GPU per rank over NCCL (run by hand: mpirun -np P flashmoe-tests-mpi).
+TEST_P(ExpertParallelLayer, MatchesOneRankOnTheGlobalBatchOnGpus) {
+  FLASHMOE_REQUIRE_GPU();
+  int gpus = 0;
+  CUDA_CHECK(cudaGetDeviceCount(&gpus));
+  if (gpus < host_comm_->size()) GTEST_SKIP() << "needs one GPU per rank, " << gpus << " found";
+  expect_matches_one_rank(GetParam().layer, Device::cuda, nccl_communicator(), *host_comm_);
+}
+
 INSTANTIATE_TEST_SUITE_P(
     Cases, ExpertParallelLayer,
     testing::Values(
@@ -90,7 +113,10 @@ INSTANTIATE_TEST_SUITE_P(
         ShardedCase{{48, 24, 0, 144, 3, 2, Activation::gelu, RouterNorm::batchnorm, true},
                     "BatchnormThreeHeadsNoShared"},
         ShardedCase{{32, 16, 8, 16, 1, 3, Activation::relu, RouterNorm::rmsnorm, false},
-                    "RmsnormFewExperts"}),
+                    "RmsnormFewExperts"},
+        // One token per rank and one expert per token: some owners receive no rows.
+        ShardedCase{{4, 8, 4, 64, 1, 1, Activation::silu, RouterNorm::none, false},
+                    "OwnersWithoutRows"}),
     [](const testing::TestParamInfo<ShardedCase>& info) { return std::string(info.param.name); });
 
 TEST(ExpertParallelConfig, ExpertsNotDivisibleByRanksAreRefused) {
