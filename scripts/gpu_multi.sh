@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# On a machine with several GPUs: the expert-parallel tests over NCCL (one rank per
+# GPU) and the weak-scaling run: the smoke model with 16384 tokens per GPU on
+# 1, 2, ... GPUs (configs/smoke.yaml, ep2.yaml, ep4.yaml). Logs go to $OUT.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-/tmp/flashmoe-multi}
+mkdir -p "$out"
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 NCCL_NVLS_ENABLE=0
+gpus=$(nvidia-smi -L | wc -l)
+nvidia-smi --query-gpu=name --format=csv,noheader | sort | uniq -c
+cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 >/dev/null
+cmake --build build-gpu -j "$(nproc)" --target flashmoe-train flashmoe-tests-mpi 2>&1 | grep -E "\berror\b"
+mpi="mpirun --allow-run-as-root --oversubscribe -x NCCL_NVLS_ENABLE -x OMPI_ALLOW_RUN_AS_ROOT -x OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"
+for p in 2 4; do
+  [ "$p" -le "$gpus" ] || continue
+  echo "== mpi tests on $p GPUs"
+  timeout 240 $mpi -np "$p" ./build-gpu/tests/flashmoe-tests-mpi --gtest_brief=1 >"$out/mpi-np$p.log" 2>&1
+  echo "exit $?"; grep -E "PASSED|FAILED|Skipped|error" "$out/mpi-np$p.log" | sort | uniq -c | head -12
+done
+train() {  # ranks config
+  timeout 240 $mpi -np "$1" ./build-gpu/flashmoe-train "configs/$2.yaml" --set train.steps=100 \
+    --set train.eval_every=0 --set checkpoint.every=0 --set checkpoint.dir="/tmp/ck-$2" \
+    --set log.every=20 >"$out/train-$2.log" 2>&1
+  echo "== $2 on $1 GPU(s): exit $?"; grep -E "step (20|60|100)/|error" "$out/train-$2.log"
+}
+train 1 smoke
+[ "$gpus" -ge 2 ] && train 2 ep2
+[ "$gpus" -ge 4 ] && train 4 ep4
