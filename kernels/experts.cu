@@ -19,18 +19,32 @@
 //      row-sparse: run starts of the sorted ids, an exclusive scan (CUB) numbers the
 //      runs, run r is row r (rows[r] = its expert, ascending); rows past the last
 //      run get -1 and an empty range. Sizes depend on the shapes only: no host sync.
-//   5. expert_grad_kernel, one block per output row, sums its pairs in that order:
-//      d_down[r] = sum dh x[t], d_up[r] = sum a dy[t] (fp32); empty rows are zero.
-// Every sum has a fixed order (butterfly for the dots, ascending slot or pair index
-// for the rest): results are bitwise repeatable.
+//   5. Segments: each row's range is cut into segments of at most kSegmentPairs (64)
+//      pairs; an empty row is one empty segment. segment_counts_kernel counts each
+//      row's segments and an exclusive scan (CUB) gives every row its first segment,
+//      first partial row and split-row number. Boundaries depend on the ids alone.
+//   6. segment_grad_kernel, one block per segment (grid sized by the worst case,
+//      out_rows + pairs / 64; blocks past the last segment leave), sums its pairs in
+//      ascending order: d_down = sum dh x[t], d_up = sum a dy[t] (fp32). A row of one
+//      segment (most rows, and every empty one, written zero) is written directly;
+//      the segments of a split row write fp32 partial rows to scratch.
+//   7. sum_partials_kernel adds each split row's partial rows in a tree fixed by
+//      their count (8 contiguous ascending ranges, then the 8 sums in order). So a
+//      hot expert with thousands of pairs costs many short blocks instead of one
+//      long serial one; under uniform ids there are almost no split rows.
+// Every sum has a fixed order (butterfly for the dots, ascending slot or pair index,
+// the fixed tree of step 7): results are bitwise repeatable, with no atomics.
 //
 // Rows are read in 16-byte chunks when D * sizeof(T) is a multiple of 16 and every
 // row base is 16-byte aligned, else one element at a time (any D).
-// Limits: T*S < 2^31 (pair indices are int32), S <= 16 * 65535 (grid y), D and E < 2^31.
+// Limits: T*S < 2^31 (pair indices are int32), S <= 16 * 65535 (grid y), D and E < 2^31,
+// out_rows + T*S / 64 < 2^31 (segments).
 // Ids are checked on the device when ExpertInputs::validate_ids is set (one host
 // sync); otherwise an id outside [0, E) is the caller's error (out-of-bounds reads).
 //
-// Scratch (per-pair coefficients, sort buffers, CUB temporary storage) comes from
+// Scratch (per-pair coefficients, sort buffers, segment offsets, partial rows, CUB
+// temporary storage; sized by the worst case: fewer than 2 T*S / 64 partial rows,
+// since a split row has more than 64 pairs) comes from
 // one device buffer per host thread and device, grown to the largest request and
 // never shrunk: repeated calls with the same shapes allocate nothing, so a warmed-up
 // step can be captured in a CUDA graph. Calls of one thread are ordered on
@@ -205,10 +219,19 @@ void experts_backward_cuda(const ExpertInputs& in, const Tensor& h, const Tensor
   const int32_t pairs = static_cast<int32_t>(s.pairs);
   const int key_bits =
       std::max(1, static_cast<int>(std::bit_width(static_cast<uint64_t>(s.experts - 1))));
+  // Worst cases: every row contributes at most one segment beyond floor(pairs / 64);
+  // a split row has more than 64 pairs, so fewer than 2 pairs / 64 partial rows and
+  // at most pairs / 65 split rows.
+  const int64_t max_segments = out_rows + s.pairs / kSegmentPairs;
+  const int64_t max_partials = 2 * s.pairs / kSegmentPairs;
+  const int64_t max_split_rows = std::min(out_rows, s.pairs / (kSegmentPairs + 1));
+  FLASHMOE_CHECK(max_segments < INT32_MAX, "output rows + T*S / " << kSegmentPairs << " = "
+                                                                  << max_segments
+                                                                  << " segments, expected < 2^31");
   cudaStream_t stream = current_stream();
 
   // CUB's temporary storage, sized by calls that do no work.
-  size_t sort_bytes = 0, scan_bytes = 0;
+  size_t sort_bytes = 0, scan_bytes = 0, segment_scan_bytes = 0;
   CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
       nullptr, sort_bytes, static_cast<const uint32_t*>(nullptr), static_cast<uint32_t*>(nullptr),
       static_cast<const int32_t*>(nullptr), static_cast<int32_t*>(nullptr), pairs, 0, key_bits,
@@ -218,6 +241,10 @@ void experts_backward_cuda(const ExpertInputs& in, const Tensor& h, const Tensor
                                              static_cast<const int32_t*>(nullptr),
                                              static_cast<int32_t*>(nullptr), pairs + 1, stream));
   }
+  CUDA_CHECK(cub::DeviceScan::ExclusiveScan(
+      nullptr, segment_scan_bytes, static_cast<const SegmentCounts*>(nullptr),
+      static_cast<SegmentCounts*>(nullptr), AddSegmentCounts{}, SegmentCounts{0, 0, 0},
+      out_rows + 1, stream));
   ScratchPlan plan;
   const size_t first_bad_at = plan.add<unsigned long long>(1);
   const size_t dh_at = plan.add<float>(s.pairs), a_at = plan.add<float>(s.pairs);
@@ -227,7 +254,12 @@ void experts_backward_cuda(const ExpertInputs& in, const Tensor& h, const Tensor
   const size_t row_begin_at = plan.add<int32_t>(out_rows + 1);
   const size_t is_run_start_at = plan.add<int32_t>(dense ? 0 : s.pairs + 1);
   const size_t run_index_at = plan.add<int32_t>(dense ? 0 : s.pairs + 1);
-  const size_t cub_at = plan.add<uint8_t>(static_cast<int64_t>(std::max(sort_bytes, scan_bytes)));
+  const size_t segment_counts_at = plan.add<SegmentCounts>(out_rows + 1);
+  const size_t segment_offsets_at = plan.add<SegmentCounts>(out_rows + 1);
+  const size_t partial_down_at = plan.add<float>(max_partials * s.dim);
+  const size_t partial_up_at = plan.add<float>(max_partials * s.dim);
+  const size_t cub_at = plan.add<uint8_t>(
+      static_cast<int64_t>(std::max({sort_bytes, scan_bytes, segment_scan_bytes})));
   uint8_t* scratch = scratch_buffer(plan.bytes());
   if (in.validate_ids) check_ids_on_device(in, s, carve<unsigned long long>(scratch, first_bad_at));
 
@@ -281,13 +313,40 @@ void experts_backward_cuda(const ExpertInputs& in, const Tensor& h, const Tensor
       CUDA_CHECK_LAUNCH("sparse_rows_kernel");
     }
 
-    // Step 5: expert-centric gradient rows.
-    if (out_rows > 0) {
-      expert_grad_kernel<T, kVec>
-          <<<static_cast<unsigned>(out_rows), row_threads(s.dim / kVec), 0, stream>>>(
-              row_begin, sorted_pairs, pair_dh, pair_a, in.x.data<T>(), dy.data<T>(), s.slots,
-              s.dim, grads.d_down.data<float>(), grads.d_up.data<float>());
-      CUDA_CHECK_LAUNCH("expert_grad_kernel");
+    if (out_rows == 0) return;
+    // Step 5: segments of the rows.
+    auto* segment_counts = carve<SegmentCounts>(scratch, segment_counts_at);
+    auto* segment_offsets = carve<SegmentCounts>(scratch, segment_offsets_at);
+    segment_counts_kernel<<<blocks_for(out_rows + 1, 256), 256, 0, stream>>>(row_begin, out_rows,
+                                                                             segment_counts);
+    CUDA_CHECK_LAUNCH("segment_counts_kernel");
+    size_t cub_bytes = segment_scan_bytes;
+    CUDA_CHECK(cub::DeviceScan::ExclusiveScan(cub_storage, cub_bytes, segment_counts,
+                                              segment_offsets, AddSegmentCounts{},
+                                              SegmentCounts{0, 0, 0}, out_rows + 1, stream));
+
+    // Step 6: one block per segment.
+    float* partial_down = carve<float>(scratch, partial_down_at);
+    float* partial_up = carve<float>(scratch, partial_up_at);
+    segment_grad_kernel<T, kVec>
+        <<<static_cast<unsigned>(max_segments), row_threads(s.dim / kVec), 0, stream>>>(
+            row_begin, segment_offsets, out_rows, sorted_pairs, pair_dh, pair_a, in.x.data<T>(),
+            dy.data<T>(), s.slots, s.dim, grads.d_down.data<float>(), grads.d_up.data<float>(),
+            partial_down, partial_up);
+    CUDA_CHECK_LAUNCH("segment_grad_kernel");
+
+    // Step 7: split rows from their partial rows; the grid strides over (split row,
+    // column tile) items, at most a few resident blocks per multiprocessor.
+    const int64_t max_items = max_split_rows * ((s.dim + kWarp - 1) / kWarp);
+    if (max_items > 0) {
+      int device = 0, multiprocessors = 0;
+      CUDA_CHECK(cudaGetDevice(&device));
+      CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device));
+      const int64_t blocks = std::min<int64_t>(max_items, int64_t(multiprocessors) * 8);
+      sum_partials_kernel<<<static_cast<unsigned>(blocks), dim3(kWarp, kSumSplits), 0, stream>>>(
+          segment_offsets, out_rows, partial_down, partial_up, s.dim, grads.d_down.data<float>(),
+          grads.d_up.data<float>());
+      CUDA_CHECK_LAUNCH("sum_partials_kernel");
     }
   });
 }

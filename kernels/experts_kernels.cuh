@@ -72,18 +72,31 @@ __device__ __forceinline__ void store_floats(T* dst, const float (&v)[kVec]) {
   }
 }
 
-// kVec fp32 gradients, written once and not read back soon: streaming stores keep
-// them from evicting the rows that are still being gathered from L2.
+// kVec fp32 values. Gradients are written once and not read back soon: streaming
+// stores keep them from evicting the rows that are still being gathered from L2.
+// Partial sums, which the next kernel reads, take plain stores.
 template <int kVec>
-__device__ __forceinline__ void store_gradient(float* dst, const float (&v)[kVec]) {
+__device__ __forceinline__ void store_fp32(float* dst, const float (&v)[kVec], bool streaming) {
   if constexpr (kVec % 4 == 0) {
 #pragma unroll
     for (int i = 0; i < kVec; i += 4) {
-      __stcs(reinterpret_cast<float4*>(dst + i), make_float4(v[i], v[i + 1], v[i + 2], v[i + 3]));
+      const float4 quad = make_float4(v[i], v[i + 1], v[i + 2], v[i + 3]);
+      auto* at = reinterpret_cast<float4*>(dst + i);
+      if (streaming) {
+        __stcs(at, quad);
+      } else {
+        *at = quad;
+      }
     }
   } else {
 #pragma unroll
-    for (int i = 0; i < kVec; ++i) __stcs(dst + i, v[i]);
+    for (int i = 0; i < kVec; ++i) {
+      if (streaming) {
+        __stcs(dst + i, v[i]);
+      } else {
+        dst[i] = v[i];
+      }
+    }
   }
 }
 
@@ -244,50 +257,172 @@ __global__ void slot_sum_kernel(const T* __restrict__ table, const int32_t* __re
 }
 
 // ---------------------------------------------------------------------------------
-// Expert gradients: one block per output row r, whose (token, slot) pairs are
+// Expert gradients. Output row r (an expert) owns the (token, slot) pairs
 // sorted_pairs[row_begin[r] .. row_begin[r + 1]) in ascending pair order:
 //   d_down[r] = sum dh[pair] * x[token],  d_up[r] = sum a[pair] * dy[token].
-// A row without pairs is written zero.
+// Each row's range is cut into segments of at most kSegmentPairs pairs, so that a
+// row with many pairs is summed by many blocks; a row without pairs is one empty
+// segment (written zero). The segments of all rows are numbered in row order.
 
-constexpr int kPairTile = 256;
+constexpr int kSegmentPairs = 64;
 
+// One row's split, and (after an exclusive scan in row order) the totals over the
+// rows before it: the first segment, partial row and split row of row r.
+struct SegmentCounts {
+  int32_t segments;    // max(1, ceil(pairs / kSegmentPairs))
+  int32_t partials;    // partial rows written to scratch: segments if > 1, else 0
+  int32_t split_rows;  // 1 if the row has more than one segment
+};
+
+struct AddSegmentCounts {
+  __host__ __device__ SegmentCounts operator()(const SegmentCounts& a,
+                                               const SegmentCounts& b) const {
+    return {a.segments + b.segments, a.partials + b.partials, a.split_rows + b.split_rows};
+  }
+};
+
+// counts[r] for r < out_rows; counts[out_rows] = 0, so that the exclusive scan over
+// out_rows + 1 entries ends with the totals.
+__global__ void segment_counts_kernel(const int32_t* __restrict__ row_begin, int64_t out_rows,
+                                      SegmentCounts* __restrict__ counts) {
+  const int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row > out_rows) return;
+  SegmentCounts c{0, 0, 0};
+  if (row < out_rows) {
+    const int32_t n = row_begin[row + 1] - row_begin[row];
+    c.segments = max(1, n / kSegmentPairs + (n % kSegmentPairs != 0));
+    c.split_rows = c.segments > 1;
+    c.partials = c.split_rows ? c.segments : 0;
+  }
+  counts[row] = c;
+}
+
+// The largest r in [lo, hi) with first(r) <= target, for first nondecreasing and
+// first(lo) <= target: the row that holds the target-th segment (or split row).
+template <class First>
+__device__ __forceinline__ int64_t row_of(int64_t lo, int64_t hi, int32_t target, First first) {
+  while (hi - lo > 1) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (first(mid) <= target) {
+      lo = mid;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
+// Phase 1: block b sums segment b (the grid is sized for the most segments the shapes
+// allow; blocks past the last segment leave). A row of one segment gets its gradient
+// written directly; segment k of a split row writes partial row
+// offsets[r].partials + k of partial_down / partial_up. Thread j owns column chunks j,
+// j + blockDim, ...; the segment's token offsets and coefficients are staged in
+// shared memory once.
 template <class T, int kVec>
-__global__ void expert_grad_kernel(const int32_t* __restrict__ row_begin,
-                                   const int32_t* __restrict__ sorted_pairs,
-                                   const float* __restrict__ pair_dh,
-                                   const float* __restrict__ pair_a, const T* __restrict__ x,
-                                   const T* __restrict__ dy, int64_t slots, int64_t dim,
-                                   float* __restrict__ d_down, float* __restrict__ d_up) {
-  __shared__ int64_t tile_offset[kPairTile];
-  __shared__ float tile_dh[kPairTile];
-  __shared__ float tile_a[kPairTile];
-  const int64_t row = blockIdx.x;
-  const int begin = row_begin[row], end = row_begin[row + 1];
+__global__ void segment_grad_kernel(
+    const int32_t* __restrict__ row_begin, const SegmentCounts* __restrict__ offsets,
+    int64_t out_rows, const int32_t* __restrict__ sorted_pairs, const float* __restrict__ pair_dh,
+    const float* __restrict__ pair_a, const T* __restrict__ x, const T* __restrict__ dy,
+    int64_t slots, int64_t dim, float* __restrict__ d_down, float* __restrict__ d_up,
+    float* __restrict__ partial_down, float* __restrict__ partial_up) {
+  __shared__ int64_t tile_offset[kSegmentPairs];
+  __shared__ float tile_dh[kSegmentPairs];
+  __shared__ float tile_a[kSegmentPairs];
+  const int32_t segment = int32_t(blockIdx.x);
+  const int32_t segments = offsets[out_rows].segments;
+  if (segment >= segments) return;  // the whole block leaves
+  // Row r's first segment is r plus the extra segments of the rows before it, so the
+  // row of this segment lies in [segment - all extra segments, segment]: a short
+  // search where few rows are split.
+  const int64_t extra = segments - out_rows;
+  const int64_t row = row_of(max(int64_t(0), segment - extra), min(int64_t(segment) + 1, out_rows),
+                             segment, [&](int64_t r) { return offsets[r].segments; });
+  const int32_t index = segment - offsets[row].segments;
+  const int32_t first = row_begin[row] + index * kSegmentPairs;
+  const int n = min(kSegmentPairs, row_begin[row + 1] - first);  // 0 for an empty row
+  const bool split = offsets[row + 1].split_rows != offsets[row].split_rows;
+  const int64_t out_row = split ? int64_t(offsets[row].partials) + index : row;
+  float* out_down = (split ? partial_down : d_down) + out_row * dim;
+  float* out_up = (split ? partial_up : d_up) + out_row * dim;
+
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const int32_t pair = sorted_pairs[first + i];
+    tile_offset[i] = int64_t(pair / slots) * dim;
+    tile_dh[i] = pair_dh[pair];
+    tile_a[i] = pair_a[pair];
+  }
+  __syncthreads();
   const int64_t chunks = dim / kVec;
-  for (int64_t first_chunk = 0; first_chunk < chunks; first_chunk += blockDim.x) {
-    const int64_t at = (first_chunk + threadIdx.x) * kVec;
-    const bool active = first_chunk + threadIdx.x < chunks;
+  for (int64_t chunk = threadIdx.x; chunk < chunks; chunk += blockDim.x) {
+    const int64_t at = chunk * kVec;
     float acc_down[kVec] = {};
     float acc_up[kVec] = {};
-    for (int first = begin; first < end; first += kPairTile) {
-      const int n = min(kPairTile, end - first);
-      __syncthreads();  // the previous tile is consumed
-      for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        const int32_t pair = sorted_pairs[first + i];
-        tile_offset[i] = int64_t(pair / slots) * dim;
-        tile_dh[i] = pair_dh[pair];
-        tile_a[i] = pair_a[pair];
+    accumulate_rows<T, kVec>(x + at, tile_offset, tile_dh, n, acc_down);
+    accumulate_rows<T, kVec>(dy + at, tile_offset, tile_a, n, acc_up);
+    store_fp32<kVec>(out_down + at, acc_down, !split);
+    store_fp32<kVec>(out_up + at, acc_up, !split);
+  }
+}
+
+// Sum of column[k * dim] for k in [lo, hi), ascending, kRowsInFlight loads issued
+// before their sums.
+__device__ __forceinline__ float sum_column(const float* column, int64_t dim, int32_t lo,
+                                            int32_t hi) {
+  float sum = 0.0f;
+  int32_t k = lo;
+  for (; k + kRowsInFlight <= hi; k += kRowsInFlight) {
+    float v[kRowsInFlight];
+#pragma unroll
+    for (int r = 0; r < kRowsInFlight; ++r) v[r] = __ldcg(column + int64_t(k + r) * dim);
+#pragma unroll
+    for (int r = 0; r < kRowsInFlight; ++r) sum += v[r];
+  }
+  for (; k < hi; ++k) sum += __ldcg(column + int64_t(k) * dim);
+  return sum;
+}
+
+constexpr int kSumSplits = 8;
+
+// Phase 2: the gradient rows of the split rows from their partial rows. Block
+// (kWarp, kSumSplits) threads, grid-stride over items (m-th split row, tile of kWarp
+// columns). The row's P partial rows are cut into kSumSplits contiguous ranges
+// [P j / kSumSplits, P (j + 1) / kSumSplits); thread (c, j) sums range j of column c
+// in ascending order, then thread (c, 0) adds the kSumSplits sums in ascending j.
+// The order depends on P alone.
+__global__ void __launch_bounds__(kWarp* kSumSplits)
+    sum_partials_kernel(const SegmentCounts* __restrict__ offsets, int64_t out_rows,
+                        const float* __restrict__ partial_down,
+                        const float* __restrict__ partial_up, int64_t dim,
+                        float* __restrict__ d_down, float* __restrict__ d_up) {
+  __shared__ float split_down[kSumSplits][kWarp];
+  __shared__ float split_up[kSumSplits][kWarp];
+  const int64_t tiles = (dim + kWarp - 1) / kWarp;
+  const int64_t items = int64_t(offsets[out_rows].split_rows) * tiles;
+  const int lane = threadIdx.x, split = threadIdx.y;
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const int32_t m = int32_t(item / tiles);
+    const int64_t column = item % tiles * kWarp + lane;
+    // Row r is split row first(r) or later, so r >= m.
+    const int64_t row = row_of(m, out_rows, m, [&](int64_t r) { return offsets[r].split_rows; });
+    const int32_t first = offsets[row].partials;
+    const int64_t count = offsets[row + 1].partials - first;
+    const int32_t lo = first + int32_t(count * split / kSumSplits);
+    const int32_t hi = first + int32_t(count * (split + 1) / kSumSplits);
+    const bool active = column < dim;
+    split_down[split][lane] = active ? sum_column(partial_down + column, dim, lo, hi) : 0.0f;
+    split_up[split][lane] = active ? sum_column(partial_up + column, dim, lo, hi) : 0.0f;
+    __syncthreads();
+    if (split == 0 && active) {
+      float down = split_down[0][lane], up = split_up[0][lane];
+#pragma unroll
+      for (int j = 1; j < kSumSplits; ++j) {
+        down += split_down[j][lane];
+        up += split_up[j][lane];
       }
-      __syncthreads();
-      if (active) {
-        accumulate_rows<T, kVec>(x + at, tile_offset, tile_dh, n, acc_down);
-        accumulate_rows<T, kVec>(dy + at, tile_offset, tile_a, n, acc_up);
-      }
+      __stcs(d_down + row * dim + column, down);
+      __stcs(d_up + row * dim + column, up);
     }
-    if (active) {
-      store_gradient<kVec>(d_down + row * dim + at, acc_down);
-      store_gradient<kVec>(d_up + row * dim + at, acc_up);
-    }
+    __syncthreads();  // the sums are consumed before the next item overwrites them
   }
 }
 

@@ -1,5 +1,5 @@
 // The CUDA experts against the CPU backend (the same public functions on host
-// copies of the tensors), on fresh random inputs over many shapes; bitwise
+// copies of the tensors), on fresh random inputs over many shapes and id skews; bitwise
 // repeatability; bad input. DISABLED_ExpertsGpuTiming prints timings of the
 // benchmark shapes (run it with --gtest_also_run_disabled_tests).
 #include <gtest/gtest.h>
@@ -51,22 +51,32 @@ Tensor random_tensor(const Shape& shape, DType dtype, uint64_t seed, float lo, f
   return t;
 }
 
-enum class IdPattern {
-  repeats,  // half the ids from 8 hot experts, half uniform: repeats within and across tokens
-  skewed,   // every id from 3 experts
+// A share `hot_share` of the ids drawn from `hot` distinct experts picked at random,
+// the rest uniform over all experts.
+struct IdPattern {
+  const char* name;  // suffix of the test name
+  int64_t hot;
+  double hot_share;
 };
+constexpr IdPattern rep{"", 8, 0.5};  // repeats within and across tokens
+constexpr IdPattern skew{"_skewed", 3, 1.0};
+constexpr IdPattern heavy{"_heavy", 4, 0.9};    // a few experts with thousands of pairs
+constexpr IdPattern single{"_single", 1, 1.0};  // every pair on one expert
+constexpr IdPattern uniform{"_uniform", 0, 0.0};
 
 Tensor random_ids(int64_t tokens, int64_t slots, int64_t experts, IdPattern pattern,
                   uint32_t seed) {
   std::mt19937 rng(seed);
   std::uniform_int_distribution<int32_t> any(0, static_cast<int32_t>(experts - 1));
-  std::vector<int32_t> hot(pattern == IdPattern::skewed ? 3 : 8);
-  for (int32_t& e : hot) e = any(rng);
-  std::uniform_int_distribution<size_t> pick(0, hot.size() - 1);
-  std::vector<int32_t> ids(tokens * slots);
-  for (int32_t& id : ids) {
-    id = pattern == IdPattern::skewed || rng() % 2 ? hot[pick(rng)] : any(rng);
+  std::vector<int32_t> hot;
+  while (static_cast<int64_t>(hot.size()) < std::min(pattern.hot, experts)) {
+    const int32_t e = any(rng);
+    if (std::find(hot.begin(), hot.end(), e) == hot.end()) hot.push_back(e);
   }
+  std::uniform_int_distribution<size_t> pick(0, hot.empty() ? 0 : hot.size() - 1);
+  std::bernoulli_distribution is_hot(hot.empty() ? 0.0 : pattern.hot_share);
+  std::vector<int32_t> ids(tokens * slots);
+  for (int32_t& id : ids) id = is_hot(rng) ? hot[pick(rng)] : any(rng);
   return Tensor::from_vector(ids, {tokens, slots}, Device::cuda);
 }
 
@@ -131,7 +141,7 @@ std::string case_name(const testing::TestParamInfo<Case>& info) {
   const char* acts[] = {"silu", "gelu", "relu"};
   return "T" + std::to_string(c.T) + "_D" + std::to_string(c.D) + "_E" + std::to_string(c.E) +
          "_S" + std::to_string(c.S) + "_" + dtype_name(c.dtype) + "_" +
-         acts[static_cast<int>(c.act)] + (c.ids == IdPattern::skewed ? "_skewed" : "");
+         acts[static_cast<int>(c.act)] + c.ids.name;
 }
 
 class ExpertsGpuMatchesCpu : public testing::TestWithParam<Case> {};
@@ -177,7 +187,6 @@ TEST_P(ExpertsGpuMatchesCpu, EveryOutput) {
 
 constexpr DType f32 = DType::f32, bf = DType::bf16;
 constexpr Activation silu = Activation::silu, gelu = Activation::gelu, relu = Activation::relu;
-constexpr IdPattern rep = IdPattern::repeats, skew = IdPattern::skewed;
 
 INSTANTIATE_TEST_SUITE_P(
     ExpertsGpu, ExpertsGpuMatchesCpu,
@@ -194,13 +203,20 @@ INSTANTIATE_TEST_SUITE_P(
         Case{333, 100, 4096, 8, bf, silu, rep}, Case{7, 1024, 4096, 512, bf, silu, rep},
         Case{1000, 1000, 64, 16, bf, gelu, rep}, Case{1000, 100, 16384, 64, bf, silu, rep},
         Case{1000, 1024, 16384, 64, bf, silu, skew}, Case{333, 64, 102400, 16, f32, silu, skew},
-        Case{333, 768, 4096, 512, bf, relu, skew}),
+        Case{333, 768, 4096, 512, bf, relu, skew},
+        // 90% of the pairs on 4 experts (thousands each, split into many segments), and
+        // every pair on one expert; dense and row-sparse, against the CPU.
+        Case{300, 64, 256, 16, f32, silu, heavy}, Case{1000, 768, 4096, 16, bf, silu, heavy},
+        Case{1000, 100, 4096, 16, f32, gelu, heavy}, Case{1000, 64, 102400, 64, f32, relu, heavy},
+        Case{1000, 64, 102400, 16, f32, silu, single}, Case{333, 1024, 16384, 64, bf, silu, single},
+        Case{1000, 100, 64, 16, bf, gelu, single}),
     case_name);
 
 // Two runs on the same inputs give the same bytes in every output.
 TEST(ExpertsGpu, BitwiseRepeatable) {
   FLASHMOE_REQUIRE_GPU();
-  for (IdPattern pattern : {IdPattern::repeats, IdPattern::skewed}) {
+  for (IdPattern pattern : {rep, skew, heavy, single}) {
+    SCOPED_TRACE(std::string("ids") + pattern.name);
     const ExpertInputs in =
         random_inputs(1000, 1024, 4096, 64, DType::bf16, Activation::silu, pattern, 42);
     const Tensor dy = random_tensor({1000, 1024}, DType::bf16, 43, -1.0f, 1.0f);
@@ -238,8 +254,7 @@ std::string error_of(Fn fn) {
 
 TEST(ExpertsGpu, OutOfRangeIdIsAClearError) {
   FLASHMOE_REQUIRE_GPU();
-  ExpertInputs in =
-      random_inputs(50, 64, 4096, 8, DType::f32, Activation::silu, IdPattern::repeats, 5);
+  ExpertInputs in = random_inputs(50, 64, 4096, 8, DType::f32, Activation::silu, rep, 5);
   const Tensor dy = random_tensor({50, 64}, DType::f32, 6, -1.0f, 1.0f);
   for (int32_t bad : {4096, -1, 1 << 30}) {
     std::vector<int32_t> ids = in.ids.to_vector<int32_t>();
@@ -260,7 +275,7 @@ TEST(ExpertsGpu, OutOfRangeIdIsAClearError) {
     EXPECT_NE(backward.find("expert id " + std::to_string(bad)), std::string::npos) << backward;
   }
   // The device is still usable after the errors.
-  in.ids = random_ids(50, 8, 4096, IdPattern::repeats, 8);
+  in.ids = random_ids(50, 8, 4096, rep, 8);
   Tensor y, h;
   experts_forward(in, y, h);
   EXPECT_EQ(y.device(), Device::cuda);
@@ -268,8 +283,7 @@ TEST(ExpertsGpu, OutOfRangeIdIsAClearError) {
 
 TEST(ExpertsGpu, WrongDtypeOrDeviceIsAnErrorBeforeLaunch) {
   FLASHMOE_REQUIRE_GPU();
-  const ExpertInputs good =
-      random_inputs(10, 64, 64, 4, DType::bf16, Activation::silu, IdPattern::repeats, 9);
+  const ExpertInputs good = random_inputs(10, 64, 64, 4, DType::bf16, Activation::silu, rep, 9);
   Tensor y, h;
   ExpertInputs bf16_gates = good;
   bf16_gates.gates = good.gates.to(DType::bf16);
@@ -293,11 +307,12 @@ TEST(ExpertsGpu, WrongDtypeOrDeviceIsAnErrorBeforeLaunch) {
 }
 
 // ---------------------------------------------------------------------------------
-// Timings of the benchmark shapes (bf16); prints, asserts nothing.
+// Timings of the benchmark shapes (bf16), uniform and skewed ids; prints, asserts nothing.
 
 struct TimingShape {
   const char* name;
   int64_t T, D, E, S;
+  IdPattern ids;
 };
 
 float median(std::vector<float> v) {
@@ -340,23 +355,28 @@ TEST(ExpertsGpuTiming, DISABLED_BenchmarkShapes) {
     std::printf("%s, %d SMs, L2 %d MB; device-to-device copy %.0f GB/s (read + write)\n", prop.name,
                 prop.multiProcessorCount, prop.l2CacheSize >> 20, 2 * bytes / ms / 1e6);
   }
-  for (const TimingShape& shape : {TimingShape{"quickstart", 4096, 1024, 16384, 64},
-                                   TimingShape{"peer-1m", 4096, 1024, 1 << 20, 128}}) {
+  // Uniform ids, as a router that spreads tokens over many experts gives; smoke (the
+  // experts of configs/smoke.yaml, 16384 tokens x 16 slots) also with 70% of the pairs
+  // on 3% of the experts, as a router whose expert usage has collapsed gives.
+  for (const TimingShape& shape :
+       {TimingShape{"quickstart", 4096, 1024, 16384, 64, uniform},
+        TimingShape{"peer-1m", 4096, 1024, 1 << 20, 128, uniform},
+        TimingShape{"smoke", 16384, 256, 16384, 16, uniform},
+        TimingShape{"smoke", 16384, 256, 16384, 16, IdPattern{"_skewed", 16384 * 3 / 100, 0.7}}}) {
     const int sets = 3, reps = 25;
     const int64_t T = shape.T, D = shape.D, E = shape.E, S = shape.S;
     std::vector<ExpertInputs> in;
     std::vector<Tensor> dy;
+    int64_t used = 0, most = 0;  // experts touched, most pairs on one expert (set 0)
     for (int i = 0; i < sets; ++i) {
       ExpertInputs set =
-          random_inputs(T, D, E, S, DType::bf16, Activation::silu, IdPattern::repeats, 100 * i);
-      set.ids = Tensor::from_vector(
-          [&] {  // uniform ids, as a router over many experts gives
-            std::mt19937 rng(i);
-            std::vector<int32_t> ids(T * S);
-            for (int32_t& id : ids) id = static_cast<int32_t>(rng() % E);
-            return ids;
-          }(),
-          {T, S}, Device::cuda);
+          random_inputs(T, D, E, S, DType::bf16, Activation::silu, shape.ids, 100 * i);
+      if (i == 0) {
+        std::vector<int64_t> per_expert(E);
+        for (int32_t id : set.ids.to_vector<int32_t>()) ++per_expert[id];
+        used = std::count_if(per_expert.begin(), per_expert.end(), [](int64_t n) { return n > 0; });
+        most = *std::max_element(per_expert.begin(), per_expert.end());
+      }
       set.validate_ids = false;
       in.push_back(set);
       dy.push_back(random_tensor({T, D}, DType::bf16, 100 * i + 50, -1.0f, 1.0f));
@@ -385,15 +405,15 @@ TEST(ExpertsGpuTiming, DISABLED_BenchmarkShapes) {
     const double sparse_out_gb = 2.0 * std::min(E, T * S) * D * 4 / 1e9;
     const double dense_out_gb = 2.0 * E * D * 4 / 1e9;
     std::printf(
-        "%-10s T=%lld D=%lld E=%lld S=%lld bf16\n"
+        "%s%s T=%lld D=%lld E=%lld S=%lld bf16; %.1f%% of experts used, at most %lld pairs\n"
         "  forward              %7.3f ms  (%.2f GB gathered: %.0f GB/s)\n"
         "  backward row-sparse  %7.3f ms  (%.2f GB gathered + %.2f GB written: %.0f GB/s)\n"
         "  backward dense       %7.3f ms  (%.2f GB gathered + %.2f GB written: %.0f GB/s)\n"
         "  fwd+bwd row-sparse   %7.3f ms\n"
         "  fwd+bwd dense        %7.3f ms\n",
-        shape.name, (long long)T, (long long)D, (long long)E, (long long)S, fwd, fwd_gb,
-        fwd_gb / fwd * 1e3, bwd_sparse, bwd_gb, sparse_out_gb,
-        (bwd_gb + sparse_out_gb) / bwd_sparse * 1e3, bwd_dense, bwd_gb, dense_out_gb,
+        shape.name, shape.ids.name, (long long)T, (long long)D, (long long)E, (long long)S,
+        100.0 * used / E, (long long)most, fwd, fwd_gb, fwd_gb / fwd * 1e3, bwd_sparse, bwd_gb,
+        sparse_out_gb, (bwd_gb + sparse_out_gb) / bwd_sparse * 1e3, bwd_dense, bwd_gb, dense_out_gb,
         (bwd_gb + dense_out_gb) / bwd_dense * 1e3, both_sparse, both_dense);
   }
 }
