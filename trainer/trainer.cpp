@@ -199,10 +199,39 @@ void Trainer::write_jsonl(const std::string& line) {
   std::fflush(jsonl_);
 }
 
+void Trainer::report_step(const StepLog& log) {
+  history_.push_back(log);
+  FLASHMOE_LOG(info, "step " << log.step << "/" << config_.train.steps << " | loss " << log.loss
+                             << " | lr " << log.lr << " | grad norm " << log.grad_norm << " | "
+                             << static_cast<int64_t>(log.tokens_per_second)
+                             << " tok/s | experts used " << 100 * log.experts_used << "% | ETA "
+                             << format_duration(log.eta_seconds));
+  std::ostringstream json;
+  json.precision(9);
+  json << "{\"step\": " << log.step << ", \"loss\": " << log.loss << ", \"lr\": " << log.lr
+       << ", \"grad_norm\": " << log.grad_norm
+       << ", \"tokens_per_second\": " << log.tokens_per_second
+       << ", \"experts_used\": " << log.experts_used << "}";
+  write_jsonl(json.str());
+}
+
+void Trainer::report_eval(const EvalLog& eval) {
+  const char* metric = config_.data.kind == DataKind::facts ? "recall" : "accuracy";
+  FLASHMOE_LOG(info, "eval step " << eval.step << " | loss " << eval.loss << " | " << metric << " "
+                                  << 100 * eval.accuracy << "%");
+  std::ostringstream json;
+  json.precision(9);
+  json << "{\"step\": " << eval.step << ", \"eval_loss\": " << eval.loss << ", \"eval_" << metric
+       << "\": " << eval.accuracy << "}";
+  write_jsonl(json.str());
+}
+
 std::optional<EvalLog> Trainer::run(int64_t stop_at) {
+  using Clock = std::chrono::steady_clock;
   const TrainConfig& train = config_.train;
   std::optional<EvalLog> last_eval;
-  auto since = std::chrono::steady_clock::now();
+  // Throughput counts training steps only: eval and checkpoint time is left out.
+  Clock::time_point since = Clock::now();
   int64_t steps_since = 0;
   bool stopped = false;
   while (step_ < train.steps && !stopped) {
@@ -210,21 +239,7 @@ std::optional<EvalLog> Trainer::run(int64_t stop_at) {
     ++steps_since;
     const bool last = step_ == train.steps;
     if (step_ % config_.log.every == 0 || last) {
-      const StepLog log = log_step(since, steps_since);
-      history_.push_back(log);
-      FLASHMOE_LOG(info, "step " << log.step << "/" << train.steps << " | loss " << log.loss
-                                 << " | lr " << log.lr << " | grad norm " << log.grad_norm << " | "
-                                 << static_cast<int64_t>(log.tokens_per_second)
-                                 << " tok/s | experts used " << 100 * log.experts_used << "% | ETA "
-                                 << format_duration(log.eta_seconds));
-      std::ostringstream json;
-      json.precision(9);
-      json << "{\"step\": " << log.step << ", \"loss\": " << log.loss << ", \"lr\": " << log.lr
-           << ", \"grad_norm\": " << log.grad_norm
-           << ", \"tokens_per_second\": " << log.tokens_per_second
-           << ", \"experts_used\": " << log.experts_used << "}";
-      write_jsonl(json.str());
-      since = std::chrono::steady_clock::now();
+      report_step(log_step(since, steps_since));
       steps_since = 0;
     }
     // One rank reads its own flag every step; several agree at log intervals.
@@ -234,19 +249,13 @@ std::optional<EvalLog> Trainer::run(int64_t stop_at) {
     stopped = stopped || step_ == stop_at;
     if ((train.eval_every > 0 && step_ % train.eval_every == 0) || last) {
       last_eval = evaluate();
-      const char* metric = config_.data.kind == DataKind::facts ? "recall" : "accuracy";
-      FLASHMOE_LOG(info, "eval step " << step_ << " | loss " << last_eval->loss << " | " << metric
-                                      << " " << 100 * last_eval->accuracy << "%");
-      std::ostringstream json;
-      json.precision(9);
-      json << "{\"step\": " << step_ << ", \"eval_loss\": " << last_eval->loss << ", \"eval_"
-           << metric << "\": " << last_eval->accuracy << "}";
-      write_jsonl(json.str());
+      report_eval(*last_eval);
     }
     const int64_t every = config_.checkpoint.every;
     if ((every > 0 && step_ % every == 0) || last || stopped) save_checkpoint();
+    if (steps_since == 0) since = Clock::now();
   }
-  if (stopped) FLASHMOE_LOG(info, "stopped by signal at step " << step_);
+  if (stopped) FLASHMOE_LOG(info, "stopped at step " << step_);
   return last_eval;
 }
 

@@ -54,6 +54,8 @@ class Trainer {
   void train_step();
   void sum_replicated_gradients();
   StepLog log_step(std::chrono::steady_clock::time_point since, int64_t steps_since);
+  void report_step(const StepLog& log);
+  void report_eval(const EvalLog& eval);
   void save_checkpoint();
   bool stop_agreed();
   void write_jsonl(const std::string& line);
