@@ -28,8 +28,8 @@ void check_cuda(int status, const char* expr, const char* file, int line) {
   if (status == cudaSuccess) return;
   auto err = static_cast<cudaError_t>(status);
   throw_error(file, line,
-              std::string("CUDA error ") + cudaGetErrorName(err) + " (" +
-                  cudaGetErrorString(err) + ") in " + expr + ", expected cudaSuccess");
+              std::string("CUDA error ") + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) +
+                  ") in " + expr + ", expected cudaSuccess");
 }
 
 void check_cublas(int status, const char* expr, const char* file, int line) {

@@ -17,13 +17,13 @@ class Error : public std::runtime_error {
 [[noreturn]] void throw_error(const char* file, int line, const std::string& message);
 
 // Stream-style message building: FLASHMOE_CHECK(k > 0, "top_k is " << k << ", expected >= 1").
-#define FLASHMOE_CHECK(cond, msg)                                   \
-  do {                                                              \
-    if (!(cond)) {                                                  \
-      std::ostringstream flashmoe_check_os_;                        \
-      flashmoe_check_os_ << msg;                                    \
+#define FLASHMOE_CHECK(cond, msg)                                            \
+  do {                                                                       \
+    if (!(cond)) {                                                           \
+      std::ostringstream flashmoe_check_os_;                                 \
+      flashmoe_check_os_ << msg;                                             \
       ::flashmoe::throw_error(__FILE__, __LINE__, flashmoe_check_os_.str()); \
-    }                                                               \
+    }                                                                        \
   } while (0)
 
 #define FLASHMOE_FAIL(msg) FLASHMOE_CHECK(false, msg)

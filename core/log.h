@@ -14,13 +14,13 @@ void set_log_rank(int rank);  // -1: no rank prefix
 bool log_enabled(LogLevel level);
 void log_line(LogLevel level, const std::string& message);
 
-#define FLASHMOE_LOG(level, msg)                                       \
-  do {                                                                 \
-    if (::flashmoe::log_enabled(::flashmoe::LogLevel::level)) {        \
-      std::ostringstream flashmoe_log_os_;                             \
-      flashmoe_log_os_ << msg;                                         \
+#define FLASHMOE_LOG(level, msg)                                                 \
+  do {                                                                           \
+    if (::flashmoe::log_enabled(::flashmoe::LogLevel::level)) {                  \
+      std::ostringstream flashmoe_log_os_;                                       \
+      flashmoe_log_os_ << msg;                                                   \
       ::flashmoe::log_line(::flashmoe::LogLevel::level, flashmoe_log_os_.str()); \
-    }                                                                  \
+    }                                                                            \
   } while (0)
 
 }  // namespace flashmoe

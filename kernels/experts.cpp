@@ -10,9 +10,9 @@ namespace {
 void check_inputs(const ExpertInputs& in) {
   FLASHMOE_CHECK(in.x.defined() && in.x.rank() == 2,
                  "x has shape " << shape_string(in.x.shape()) << ", expected [T, D]");
-  FLASHMOE_CHECK(in.down_embed.defined() && in.down_embed.rank() == 2,
-                 "down_embed has shape " << shape_string(in.down_embed.shape())
-                                         << ", expected [E, D]");
+  FLASHMOE_CHECK(
+      in.down_embed.defined() && in.down_embed.rank() == 2,
+      "down_embed has shape " << shape_string(in.down_embed.shape()) << ", expected [E, D]");
   FLASHMOE_CHECK(in.ids.defined() && in.ids.rank() == 2,
                  "expert ids have shape " << shape_string(in.ids.shape()) << ", expected [T, S]");
   const int64_t T = in.x.size(0), D = in.x.size(1), E = in.down_embed.size(0);

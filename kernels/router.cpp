@@ -20,9 +20,9 @@ int num_keys_for(int64_t num_experts) {
 
 namespace {
 void check_logits(const Tensor& logits) {
-  FLASHMOE_CHECK(logits.defined() && logits.rank() == 4 && logits.size(2) == 2,
-                 "router logits have shape " << shape_string(logits.shape())
-                                             << ", expected [T, H, 2, N]");
+  FLASHMOE_CHECK(
+      logits.defined() && logits.rank() == 4 && logits.size(2) == 2,
+      "router logits have shape " << shape_string(logits.shape()) << ", expected [T, H, 2, N]");
   expect_float(logits, "router logits");
   FLASHMOE_CHECK(logits.size(0) >= 1 && logits.size(1) >= 1 && logits.size(3) >= 1,
                  "router logits have shape " << shape_string(logits.shape())

@@ -11,8 +11,8 @@
 namespace flashmoe::test {
 
 // GPU suites call this first: without a device the test is skipped, visibly.
-#define FLASHMOE_REQUIRE_GPU()                                              \
-  do {                                                                      \
+#define FLASHMOE_REQUIRE_GPU()                                                             \
+  do {                                                                                     \
     if (!::flashmoe::cuda_available()) GTEST_SKIP() << "no CUDA device: GPU test skipped"; \
   } while (0)
 

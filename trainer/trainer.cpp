@@ -120,11 +120,31 @@ void Trainer::train_step() {
 }
 
 // Each rank's gradients of the replicated parameters cover its own tokens (already
-// scaled by the global token count); expert shards are complete on their owner.
+// scaled by the global token count); expert shards are complete on their owner. The
+// replicated gradients are packed into one flat fp32 bucket (allocated on the first
+// step), summed by one all-reduce and unpacked: copies on the current stream, so the
+// step stays free of host synchronisation. The packing order is the parameters' order.
 void Trainer::sum_replicated_gradients() {
   if (comm_.size() == 1) return;
+  std::vector<Parameter*> replicated;
+  int64_t total = 0;
   for (Parameter* p : model_->parameters()) {
-    if (!p->expert_table) comm_.all_reduce_sum(p->grad);
+    if (p->expert_table) continue;
+    expect_dtype(p->grad, DType::f32, "replicated gradient");
+    replicated.push_back(p);
+    total += p->grad.numel();
+  }
+  ensure(grad_bucket_, {total}, DType::f32, device_);
+  int64_t at = 0;
+  for (Parameter* p : replicated) {
+    grad_bucket_.rows(at, at + p->grad.numel()).view(p->grad.shape()).copy_from(p->grad);
+    at += p->grad.numel();
+  }
+  comm_.all_reduce_sum(grad_bucket_);
+  at = 0;
+  for (Parameter* p : replicated) {
+    p->grad.copy_from(grad_bucket_.rows(at, at + p->grad.numel()).view(p->grad.shape()));
+    at += p->grad.numel();
   }
 }
 

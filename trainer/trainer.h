@@ -68,7 +68,8 @@ class Trainer {
   std::unique_ptr<AdamW> optimizer_;
   DataLoader data_;
   int64_t step_ = 0, tokens_seen_ = 0;
-  Tensor loss_sum_;  // scalar fp32 on the device: this step's loss, summed over micro-batches
+  Tensor loss_sum_;     // scalar fp32 on the device: this step's loss, summed over micro-batches
+  Tensor grad_bucket_;  // fp32 [every replicated gradient's elements], P > 1 only
   std::unique_ptr<class TokenStager> stager_;  // host batches -> device, asynchronously
   std::vector<StepLog> history_;
   std::FILE* jsonl_ = nullptr;

@@ -50,8 +50,8 @@ TEST(Philox, UniformMomentsAndRange) {
 
 TEST(Bf16, RoundsToNearestEven) {
   EXPECT_EQ(to_bf16(1.0f).bits, 0x3f80);
-  EXPECT_EQ(to_float(to_bf16(1.0f + 0x1p-8f)), 1.0f);                  // tie -> even
-  EXPECT_EQ(to_float(to_bf16(1.0f + 3 * 0x1p-8f)), 1.0f + 0x1p-6f);   // tie -> even (up)
+  EXPECT_EQ(to_float(to_bf16(1.0f + 0x1p-8f)), 1.0f);                // tie -> even
+  EXPECT_EQ(to_float(to_bf16(1.0f + 3 * 0x1p-8f)), 1.0f + 0x1p-6f);  // tie -> even (up)
   EXPECT_TRUE(std::isnan(to_float(to_bf16(NAN))));
   EXPECT_EQ(to_float(to_bf16(-2.5f)), -2.5f);
 }
