@@ -3,6 +3,7 @@
 #include <cmath>
 #include <csignal>
 #include <filesystem>
+#include <set>
 #include <sstream>
 
 #include "core/log.h"
@@ -60,12 +61,14 @@ Trainer::~Trainer() {
 
 std::vector<std::pair<std::string, Tensor>> Trainer::tensors_to_save(bool experts) const {
   std::vector<std::pair<std::string, Tensor>> out;
+  std::set<std::string> expert_tables;
   for (Parameter* p : model_->parameters()) {
     if (p->expert_table == experts) out.emplace_back(p->name, p->value);
+    if (p->expert_table) expert_tables.insert(p->name);
   }
+  // Optimizer state is named "<parameter>.<master|m|v>" (and "optimizer.step").
   for (const OptimizerTensor& s : optimizer_->state()) {
-    const bool expert_state = s.name.find(".down_embed.") != std::string::npos ||
-                              s.name.find(".up_embed.") != std::string::npos;
+    const bool expert_state = expert_tables.count(s.name.substr(0, s.name.rfind('.'))) > 0;
     if (expert_state == experts) out.emplace_back(s.name, s.tensor);
   }
   if (!experts) {
