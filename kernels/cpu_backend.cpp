@@ -29,8 +29,9 @@ void check_ids(const ExpertInputs& in) {
   const int64_t E = in.down_embed.size(0);
   const int32_t* ids = in.ids.data<int32_t>();
   for (int64_t i = 0; i < in.ids.numel(); ++i) {
-    FLASHMOE_CHECK(ids[i] >= 0 && ids[i] < E, "expert id " << ids[i] << " at position " << i
-                                                           << ", expected 0 <= id < E = " << E);
+    FLASHMOE_CHECK(ids[i] < E, "expert id " << ids[i] << " at position " << i
+                                            << ", expected 0 <= id < E = " << E
+                                            << " (or id < 0: an empty slot)");
   }
 }
 }  // namespace

@@ -1,5 +1,8 @@
 // CUDA backend of the single-neuron experts (math in kernels/experts.h, kernels in
 // kernels/experts_kernels.cuh). P = T*S (token, slot) pairs, pair p = t*S + s.
+// A pair whose id is < 0 is an empty slot (expert parallelism pads with them): the
+// dot kernels read no table row for it and write zeros, the sum kernels skip it, and
+// the sort puts it after every expert, outside every output row.
 //
 // Forward: two gather passes over the pairs; gathered rows are never materialised.
 //   1. slot_dot_kernel(x, down_embed): h[p] = <x[t], down[e]>, coef[p] = act(h) g.
@@ -12,13 +15,15 @@
 //      per-pair scratch dh = z g act'(h) and a = act(h) g.
 //   2. slot_sum_kernel(down_embed, dh): dx[t] = sum_s dh[t][s] down[e], s ascending.
 //   3. Group the pairs by expert: a stable LSD radix sort (CUB) of the ids as keys,
-//      over the ceil(log2 E) low bits, with the pair indices as values. Stable, so the
-//      pairs of an expert stay in ascending pair order, whatever the timing.
+//      over the bit_width(E) low bits (enough to sort the empty slots' 0xFFFFFFFF
+//      after E - 1), with the pair indices as values. Stable, so the pairs of an expert
+//      stay in ascending pair order, whatever the timing.
 //   4. The output rows and their pair ranges row_begin[r] .. row_begin[r + 1]:
 //      dense: row r = expert r, row_begin[e] = lower bound of e in the sorted ids;
-//      row-sparse: run starts of the sorted ids, an exclusive scan (CUB) numbers the
-//      runs, run r is row r (rows[r] = its expert, ascending); rows past the last
-//      run get -1 and an empty range. Sizes depend on the shapes only: no host sync.
+//      row-sparse: run starts of the sorted ids (empty slots start none), an exclusive
+//      scan (CUB) numbers the runs, run r is row r (rows[r] = its expert, ascending);
+//      rows past the last run get -1 and an empty range. Sizes depend on the shapes
+//      only: no host sync.
 //   5. Segments: each row's range is cut into segments of at most kSegmentPairs (64)
 //      pairs; an empty row is one empty segment. segment_counts_kernel counts each
 //      row's segments and an exclusive scan (CUB) gives every row its first segment,
@@ -40,7 +45,7 @@
 // Limits: T*S < 2^31 (pair indices are int32), S <= 16 * 65535 (grid y), D and E < 2^31,
 // out_rows + T*S / 64 < 2^31 (segments).
 // Ids are checked on the device when ExpertInputs::validate_ids is set (one host
-// sync); otherwise an id outside [0, E) is the caller's error (out-of-bounds reads).
+// sync); otherwise an id >= E is the caller's error (out-of-bounds reads).
 //
 // Scratch (per-pair coefficients, sort buffers, segment offsets, partial rows, CUB
 // temporary storage; sized by the worst case: fewer than 2 T*S / 64 partial rows,
@@ -147,7 +152,7 @@ void dispatch(DType dtype, bool vectorized, Fn&& fn) {
   }
 }
 
-// Throws naming the first id outside [0, E). `first_bad` is 8 bytes of scratch.
+// Throws naming the first id >= E. `first_bad` is 8 bytes of scratch.
 void check_ids_on_device(const ExpertInputs& in, const Sizes& s, unsigned long long* first_bad) {
   if (s.pairs == 0) return;
   cudaStream_t stream = current_stream();
@@ -164,7 +169,8 @@ void check_ids_on_device(const ExpertInputs& in, const Sizes& s, unsigned long l
   CUDA_CHECK(cudaMemcpy(&id, in.ids.data<int32_t>() + position, sizeof id, cudaMemcpyDeviceToHost));
   const int64_t p = static_cast<int64_t>(position);
   FLASHMOE_FAIL("expert id " << id << " at position " << p << " (token " << p / s.slots << ", slot "
-                             << p % s.slots << "), expected 0 <= id < E = " << s.experts);
+                             << p % s.slots << "), expected 0 <= id < E = " << s.experts
+                             << " (or id < 0: an empty slot)");
 }
 
 // Launches slot_dot_kernel over all pairs (a no-op when there are none).
@@ -217,8 +223,8 @@ void experts_backward_cuda(const ExpertInputs& in, const Tensor& h, const Tensor
   const bool dense = layout == GradLayout::dense;
   const int64_t out_rows = grads.d_down.size(0);  // E (dense) or R = min(E, T*S)
   const int32_t pairs = static_cast<int32_t>(s.pairs);
-  const int key_bits =
-      std::max(1, static_cast<int>(std::bit_width(static_cast<uint64_t>(s.experts - 1))));
+  // 2^key_bits > E: an empty slot's key sorts after expert E - 1 on these bits too.
+  const int key_bits = static_cast<int>(std::bit_width(static_cast<uint64_t>(s.experts)));
   // Worst cases: every row contributes at most one segment beyond floor(pairs / 64);
   // a split row has more than 64 pairs, so fewer than 2 pairs / 64 partial rows and
   // at most pairs / 65 split rows.
@@ -301,15 +307,15 @@ void experts_backward_cuda(const ExpertInputs& in, const Tensor& h, const Tensor
     } else if (out_rows > 0) {
       int32_t* is_run_start = carve<int32_t>(scratch, is_run_start_at);
       int32_t* run_index = carve<int32_t>(scratch, run_index_at);
-      mark_run_starts_kernel<<<blocks_for(pairs + 1, 256), 256, 0, stream>>>(sorted_experts, pairs,
-                                                                             is_run_start);
+      mark_run_starts_kernel<<<blocks_for(pairs + 1, 256), 256, 0, stream>>>(
+          sorted_experts, pairs, s.experts, is_run_start);
       CUDA_CHECK_LAUNCH("mark_run_starts_kernel");
       size_t cub_bytes = scan_bytes;
       CUDA_CHECK(cub::DeviceScan::ExclusiveSum(cub_storage, cub_bytes, is_run_start, run_index,
                                                pairs + 1, stream));
       sparse_rows_kernel<<<blocks_for(std::max<int64_t>(pairs, out_rows + 1), 256), 256, 0,
-                           stream>>>(sorted_experts, is_run_start, run_index, pairs, out_rows,
-                                     grads.rows.data<int32_t>(), row_begin);
+                           stream>>>(sorted_experts, is_run_start, run_index, pairs, s.experts,
+                                     out_rows, grads.rows.data<int32_t>(), row_begin);
       CUDA_CHECK_LAUNCH("sparse_rows_kernel");
     }
 

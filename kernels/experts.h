@@ -12,6 +12,8 @@
 //   dx[t]        = sum_s dh[t][s] * down_embed[e]
 //   d_up[e]      = sum over (t, s) with ids[t][s] == e of a[t][s] * dy[t]
 //   d_down[e]    = sum over (t, s) with ids[t][s] == e of dh[t][s] * x[t]
+// An id < 0 is an empty slot: it reads no table row and adds nothing to y, dx or the
+// table gradients; its h and dgates are 0, and it is no touched row.
 // Every sum runs in a fixed order (no floating-point atomics), so results are
 // bitwise repeatable. x, y, dy and the tables are fp32 or bf16 (all the same);
 // accumulation is fp32; gradients of the tables are fp32.
@@ -26,11 +28,11 @@ struct ExpertInputs {
   Tensor x;           // [T, D]
   Tensor down_embed;  // [E, D]
   Tensor up_embed;    // [E, D]
-  Tensor ids;         // [T, S] int32 in [0, E)
+  Tensor ids;         // [T, S] int32 in [0, E), or < 0: an empty slot
   Tensor gates;       // [T, S] fp32
   Activation act = Activation::silu;
-  // Check every id against [0, E) before computing (costs a device->host sync on
-  // the GPU). The layer turns it off: its ids come from its own router.
+  // Check every id against E before computing (costs a device->host sync on the
+  // GPU). The layer turns it off: its ids come from its own router.
   bool validate_ids = true;
 };
 

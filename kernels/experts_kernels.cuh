@@ -4,6 +4,7 @@
 // Rows are read in chunks of kVec elements: kVec = 16 / sizeof(T) (one 16-byte
 // load) when every row starts on a 16-byte boundary, else kVec = 1 (any D).
 // Every sum runs in an order fixed by the shapes alone, never by timing.
+// An id < 0 is an empty slot: its rows are never read, and it adds nothing anywhere.
 #pragma once
 
 #include <cstdint>
@@ -115,21 +116,22 @@ constexpr int kDotWarps = 4;
 constexpr int kDotRowsPerWarp = 4;
 constexpr int kDotSlotsPerBlock = kDotWarps * kDotRowsPerWarp;
 
-// Forward: h = dot, and the coefficient of up_embed[e] in y[t], act(h) * g.
+// Forward: h = dot, and the coefficient of up_embed[e] in y[t], act(h) * g (both 0
+// for an empty slot).
 struct ForwardDotEpilogue {
   const float* gates;
   float* h;
   float* coef;
   Activation act;
-  __device__ void operator()(int64_t pair, float dot) const {
-    h[pair] = dot;
-    coef[pair] = activate(act, dot) * gates[pair];
+  __device__ void operator()(int64_t pair, float dot, bool filled) const {
+    h[pair] = filled ? dot : 0.0f;
+    coef[pair] = filled ? activate(act, dot) * gates[pair] : 0.0f;
   }
 };
 
 // Backward: z = dot = <dy[t], up[e]>; dgates = act(h) z; dh = z g act'(h) (the
 // coefficient of down_embed[e] in dx[t] and of x[t] in d_down[e]); a = act(h) g
-// (the coefficient of dy[t] in d_up[e]).
+// (the coefficient of dy[t] in d_up[e]); all three 0 for an empty slot.
 struct BackwardDotEpilogue {
   const float* gates;
   const float* h;
@@ -137,18 +139,19 @@ struct BackwardDotEpilogue {
   float* pair_dh;
   float* pair_a;
   Activation act;
-  __device__ void operator()(int64_t pair, float z) const {
+  __device__ void operator()(int64_t pair, float z, bool filled) const {
     const float pre = h[pair], g = gates[pair], activated = activate(act, pre);
-    dgates[pair] = activated * z;
-    pair_dh[pair] = z * g * activate_grad(act, pre);
-    pair_a[pair] = activated * g;
+    dgates[pair] = filled ? activated * z : 0.0f;
+    pair_dh[pair] = filled ? z * g * activate_grad(act, pre) : 0.0f;
+    pair_a[pair] = filled ? activated * g : 0.0f;
   }
 };
 
 // Block (token t = blockIdx.x, slots [16 * blockIdx.y, +16)); warp w takes 4
 // consecutive slots and its lanes stride over the chunks of the rows, so each lane
 // has the token chunk and 4 table chunks in flight. Lane partial sums are combined
-// by warp_sum, then one lane per slot hands the dot to the epilogue.
+// by warp_sum, then one lane per slot hands the dot to the epilogue. The rows of empty
+// slots are not read (the branch is uniform over the warp) and their dots are 0.
 template <class T, int kVec, class Epilogue>
 __global__ void __launch_bounds__(kDotWarps* kWarp)
     slot_dot_kernel(const T* __restrict__ token_rows, const T* __restrict__ table,
@@ -160,15 +163,19 @@ __global__ void __launch_bounds__(kDotWarps* kWarp)
   if (first_slot >= slots) return;  // whole warps leave; the kernel has no block barrier
   const int64_t token = blockIdx.x;
   const T* rows[kDotRowsPerWarp];
+  bool filled[kDotRowsPerWarp];
+  bool any_filled = false;
 #pragma unroll
   for (int r = 0; r < kDotRowsPerWarp; ++r) {
-    // Past the last slot the warp re-reads the last row and drops its dot: the loop
-    // below stays free of per-row branches.
+    // Past the last slot the warp re-reads the last row and drops its dot.
     const int64_t slot = min(first_slot + r, slots - 1);
-    rows[r] = table + int64_t(ids[token * slots + slot]) * dim;
+    const int32_t id = ids[token * slots + slot];
+    filled[r] = id >= 0;
+    any_filled = any_filled || filled[r];
+    rows[r] = table + int64_t(filled[r] ? id : 0) * dim;
   }
   const T* token_row = token_rows + token * dim;
-  const int chunks = int(dim / kVec);
+  const int chunks = any_filled ? int(dim / kVec) : 0;
   float partial[kDotRowsPerWarp] = {};
   for (int c = lane; c < chunks; c += kWarp) {
     const int64_t at = int64_t(c) * kVec;
@@ -177,7 +184,12 @@ __global__ void __launch_bounds__(kDotWarps* kWarp)
     load_floats<T, kVec, Cache::l1>(token_row + at, token_chunk);
 #pragma unroll
     for (int r = 0; r < kDotRowsPerWarp; ++r) {
-      load_floats<T, kVec, Cache::l2_only>(rows[r] + at, row_chunk[r]);
+      if (filled[r]) {
+        load_floats<T, kVec, Cache::l2_only>(rows[r] + at, row_chunk[r]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) row_chunk[r][i] = 0.0f;
+      }
     }
 #pragma unroll
     for (int r = 0; r < kDotRowsPerWarp; ++r) {
@@ -188,7 +200,9 @@ __global__ void __launch_bounds__(kDotWarps* kWarp)
 #pragma unroll
   for (int r = 0; r < kDotRowsPerWarp; ++r) {
     const float dot = warp_sum(partial[r]);
-    if (lane == r && first_slot + r < slots) epilogue(token * slots + first_slot + r, dot);
+    if (lane == r && first_slot + r < slots) {
+      epilogue(token * slots + first_slot + r, dot, filled[r]);
+    }
   }
 }
 
@@ -226,15 +240,17 @@ __device__ __forceinline__ void accumulate_rows(const T* column, const int64_t* 
 constexpr int kSlotTile = 256;
 
 // out[t] = sum_s coef[t][s] * table[ids[t][s]] for token t = blockIdx.x, s ascending
-// (y in the forward pass, dx in the backward pass). Thread j owns chunks j,
-// j + blockDim, ... of the row; the token's row offsets and coefficients are staged
-// in shared memory kSlotTile slots at a time.
+// over the filled slots (y in the forward pass, dx in the backward pass). Thread j
+// owns chunks j, j + blockDim, ... of the row; the first warp stages the row offsets
+// and coefficients of the tile's filled slots (ascending, by ballot) in shared memory,
+// kSlotTile slots at a time, so empty slots cost no gather.
 template <class T, int kVec>
 __global__ void slot_sum_kernel(const T* __restrict__ table, const int32_t* __restrict__ ids,
                                 const float* __restrict__ coef, int64_t slots, int64_t dim,
                                 T* __restrict__ out) {
   __shared__ int64_t tile_offset[kSlotTile];
   __shared__ float tile_coef[kSlotTile];
+  __shared__ int tile_filled;
   const int64_t token = blockIdx.x;
   const int64_t chunks = dim / kVec;
   for (int64_t first_chunk = 0; first_chunk < chunks; first_chunk += blockDim.x) {
@@ -243,14 +259,25 @@ __global__ void slot_sum_kernel(const T* __restrict__ table, const int32_t* __re
     float acc[kVec] = {};
     for (int64_t first_slot = 0; first_slot < slots; first_slot += kSlotTile) {
       const int n = int(min(int64_t(kSlotTile), slots - first_slot));
-      __syncthreads();  // the previous tile is consumed
-      for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        const int64_t pair = token * slots + first_slot + i;
-        tile_offset[i] = int64_t(ids[pair]) * dim;
-        tile_coef[i] = coef[pair];
+      __syncthreads();            // the previous tile is consumed
+      if (threadIdx.x < kWarp) {  // blockDim.x is a whole number of warps
+        const int lane = int(threadIdx.x);
+        int count = 0;
+        for (int base = 0; base < n; base += kWarp) {
+          const int64_t pair = token * slots + first_slot + base + lane;
+          const int32_t id = base + lane < n ? ids[pair] : -1;
+          const unsigned filled = __ballot_sync(0xffffffffu, id >= 0);
+          if (id >= 0) {
+            const int at_tile = count + __popc(filled & ((1u << lane) - 1u));
+            tile_offset[at_tile] = int64_t(id) * dim;
+            tile_coef[at_tile] = coef[pair];
+          }
+          count += __popc(filled);
+        }
+        if (lane == 0) tile_filled = count;
       }
       __syncthreads();
-      if (active) accumulate_rows<T, kVec>(table + at, tile_offset, tile_coef, n, acc);
+      if (active) accumulate_rows<T, kVec>(table + at, tile_offset, tile_coef, tile_filled, acc);
     }
     if (active) store_floats<T, kVec>(out + token * dim + at, acc);
   }
@@ -429,12 +456,12 @@ __global__ void __launch_bounds__(kWarp* kSumSplits)
 // ---------------------------------------------------------------------------------
 // Small kernels: id validation, grouping of pairs by expert.
 
-// first_bad = the smallest position whose id is outside [0, experts) (integer
-// atomicMin: the result does not depend on the order).
+// first_bad = the smallest position whose id is >= experts (ids < 0 are empty slots;
+// integer atomicMin: the result does not depend on the order).
 __global__ void find_bad_id_kernel(const int32_t* __restrict__ ids, int64_t count, int64_t experts,
                                    unsigned long long* first_bad) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < count && (ids[i] < 0 || ids[i] >= experts)) atomicMin(first_bad, (unsigned long long)i);
+  if (i < count && ids[i] >= experts) atomicMin(first_bad, (unsigned long long)i);
 }
 
 __global__ void iota_kernel(int32_t* __restrict__ values, int32_t count) {
@@ -442,12 +469,13 @@ __global__ void iota_kernel(int32_t* __restrict__ values, int32_t count) {
   if (i < count) values[i] = int32_t(i);
 }
 
-// Dense layout: row_begin[e] = first position of expert e among the sorted pair
-// experts (lower bound), for e in [0, experts]; rows of untouched experts are empty.
-__global__ void dense_row_begin_kernel(const uint32_t* __restrict__ sorted_experts, int32_t pairs,
-                                       int64_t experts, int32_t* __restrict__ row_begin) {
-  const int64_t expert = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (expert > experts) return;
+// The sorted pair experts: the keys of the radix sort, the ids as uint32. An empty
+// slot's key (0xFFFFFFFF) sorts after every expert, since the sort covers enough low
+// bits to tell E - 1 from 2^bits - 1.
+
+// The first position whose sorted expert is >= expert (lower bound).
+__device__ __forceinline__ int32_t first_position(const uint32_t* __restrict__ sorted_experts,
+                                                  int32_t pairs, int64_t expert) {
   int32_t lo = 0, hi = pairs;
   while (lo < hi) {
     const int32_t mid = lo + (hi - lo) / 2;
@@ -457,27 +485,39 @@ __global__ void dense_row_begin_kernel(const uint32_t* __restrict__ sorted_exper
       hi = mid;
     }
   }
-  row_begin[expert] = lo;
+  return lo;
+}
+
+// Dense layout: row_begin[e] = first position of expert e among the sorted pair
+// experts, for e in [0, experts]; rows of untouched experts are empty, and the empty
+// slots (after row_begin[experts]) belong to no row.
+__global__ void dense_row_begin_kernel(const uint32_t* __restrict__ sorted_experts, int32_t pairs,
+                                       int64_t experts, int32_t* __restrict__ row_begin) {
+  const int64_t expert = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (expert > experts) return;
+  row_begin[expert] = first_position(sorted_experts, pairs, expert);
 }
 
 // Row-sparse layout, step 1: is_run_start[i] = 1 where a new expert starts in the
-// sorted order, for i < pairs; is_run_start[pairs] = 0, so that the exclusive scan
-// over pairs + 1 entries ends with the number of runs.
+// sorted order, for i < pairs (empty slots start no run); is_run_start[pairs] = 0, so
+// that the exclusive scan over pairs + 1 entries ends with the number of runs.
 __global__ void mark_run_starts_kernel(const uint32_t* __restrict__ sorted_experts, int32_t pairs,
-                                       int32_t* __restrict__ is_run_start) {
+                                       int64_t experts, int32_t* __restrict__ is_run_start) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i > pairs) return;
-  is_run_start[i] = i < pairs && (i == 0 || sorted_experts[i] != sorted_experts[i - 1]);
+  is_run_start[i] = i < pairs && int64_t(sorted_experts[i]) < experts &&
+                    (i == 0 || sorted_experts[i] != sorted_experts[i - 1]);
 }
 
 // Row-sparse layout, step 2 (after run_index = exclusive scan of is_run_start): run r
 // becomes output row r, rows[r] = its expert and row_begin[r] = its first position;
-// rows past the last run get rows = -1 and an empty range (row_begin = pairs).
+// rows past the last run get rows = -1 and an empty range at the end of the filled
+// slots (row_begin = first position of an empty slot, or pairs).
 // Thread i handles position i (i < pairs) and output row i (i <= out_rows).
 __global__ void sparse_rows_kernel(const uint32_t* __restrict__ sorted_experts,
                                    const int32_t* __restrict__ is_run_start,
                                    const int32_t* __restrict__ run_index, int32_t pairs,
-                                   int64_t out_rows, int32_t* __restrict__ rows,
+                                   int64_t experts, int64_t out_rows, int32_t* __restrict__ rows,
                                    int32_t* __restrict__ row_begin) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < pairs && is_run_start[i]) {
@@ -485,7 +525,7 @@ __global__ void sparse_rows_kernel(const uint32_t* __restrict__ sorted_experts,
     row_begin[run_index[i]] = int32_t(i);
   }
   if (i <= out_rows && i >= run_index[pairs]) {
-    row_begin[i] = pairs;
+    row_begin[i] = first_position(sorted_experts, pairs, experts);
     if (i < out_rows) rows[i] = -1;
   }
 }

@@ -13,8 +13,9 @@
 // values of the full table's rows), routes its own tokens with the full router, and
 // computes the routed branch through parallel/expert_parallel.h; its batchnorm
 // statistics are summed across the ranks. Its replicated parameters' gradients are this
-// rank's share: the caller sums them across ranks. With P > 1 the forward and backward
-// wait for the device (the exchange plan is built on the host).
+// rank's share: the caller sums them across ranks. With P > 1 the exchange queues only
+// device work and communication (after the first call for a token count, which
+// exchanges the ranks' counts), so a warmed-up step can still be captured.
 #pragma once
 
 #include <memory>

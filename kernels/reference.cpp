@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <iterator>
 #include <numeric>
 
 namespace flashmoe::ref {
@@ -126,6 +127,10 @@ void experts_forward(const ExpertShape& shape, Activation act, const Real* x,
     std::fill(yt, yt + D, Real(0));
     for (int64_t s = 0; s < S; ++s) {
       const int64_t e = ids[t * S + s];
+      if (e < 0) {  // an empty slot
+        h[t * S + s] = 0;
+        continue;
+      }
       Real dot = 0;
       for (int64_t d = 0; d < D; ++d) dot += x[t * D + d] * down_embed[e * D + d];
       h[t * S + s] = dot;
@@ -147,6 +152,10 @@ void experts_backward(const ExpertShape& shape, Activation act, const Real* x,
   for (int64_t t = 0; t < shape.tokens; ++t) {
     for (int64_t s = 0; s < S; ++s) {
       const int64_t ts = t * S + s, e = ids[ts];
+      if (e < 0) {  // an empty slot
+        dgates[ts] = 0;
+        continue;
+      }
       Real z = 0;
       for (int64_t d = 0; d < D; ++d) z += dy[t * D + d] * up_embed[e * D + d];
       dgates[ts] = activate(act, h[ts]) * z;
@@ -162,7 +171,8 @@ void experts_backward(const ExpertShape& shape, Activation act, const Real* x,
 }
 
 std::vector<int32_t> touched_experts(const int32_t* ids, int64_t count) {
-  std::vector<int32_t> rows(ids, ids + count);
+  std::vector<int32_t> rows;
+  std::copy_if(ids, ids + count, std::back_inserter(rows), [](int32_t id) { return id >= 0; });
   std::sort(rows.begin(), rows.end());
   rows.erase(std::unique(rows.begin(), rows.end()), rows.end());
   return rows;

@@ -57,7 +57,8 @@ struct ExpertShape {
   int64_t slots;        // S = H * K
 };
 
-// y [T, D] and pre-activations h [T, S].
+// y [T, D] and pre-activations h [T, S]. An id < 0 is an empty slot: h = 0 (and
+// dgates = 0 in the backward), and it adds nothing.
 template <class Real>
 void experts_forward(const ExpertShape& shape, Activation act, const Real* x,
                      const Real* down_embed, const Real* up_embed, const int32_t* ids,
@@ -70,7 +71,7 @@ void experts_backward(const ExpertShape& shape, Activation act, const Real* x,
                       const Real* gates, const Real* h, const Real* dy, Real* dx, Real* dgates,
                       Real* d_down, Real* d_up);
 
-// The experts touched by `ids`, ascending, each once.
+// The experts touched by `ids` (ids >= 0), ascending, each once.
 std::vector<int32_t> touched_experts(const int32_t* ids, int64_t count);
 
 }  // namespace flashmoe::ref

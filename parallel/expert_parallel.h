@@ -2,25 +2,30 @@
 // expert tables are sharded over the P ranks of a Communicator. Rank r owns experts
 // [r E/P, (r + 1) E/P) of both tables.
 //
-// Forward, on this rank's T tokens routed to S = H*K global expert ids:
-//   dispatch: for every (token, owner rank) with at least one selected expert on that
-//             owner, one row goes to the owner: the token's x, and the S slots' local
-//             ids and gates. Slots owned elsewhere are padding: the id of the token's
-//             first slot on that owner and gate 0, so they add exact zeros to y and to
-//             every gradient and touch no other table row. Rows go out grouped by owner
-//             (ascending rank), tokens ascending within an owner; counts are exchanged
-//             first, then the payloads.
-//   the owner runs experts_forward on the rows it received (its ExpertInputs), and
-//   combine:  returns each row's partial y; the sender sums a token's partials in
+// The exchanges have a fixed capacity, so that no count depends on the routing and the
+// plan needs nothing from the host. Forward, on this rank's T tokens routed to S = H*K
+// global expert ids:
+//   dispatch: every owner p (ascending rank) gets one row per token, tokens ascending:
+//             the token's x, and the S slots' local ids and gates where p owns the
+//             slot's expert; the other slots are empty (id -1, gate 0), so they read no
+//             table row and add exact zeros to y and to every gradient. The owner's
+//             work is exactly its (token, expert) pairs; a token routed nowhere on an
+//             owner costs only its row of traffic. An id outside [0, E) reaches no
+//             owner: its slot is empty everywhere.
+//   the owner runs experts_forward on the rows it received (its ExpertRows), and
+//   combine:  returns each row's partial y; the sender sums a token's P partials in
 //             ascending owner rank, so the result is deterministic.
-// Backward mirrors it: dispatch_grad sends each row's dy to its owner, which runs
+// Backward mirrors it: dispatch_grad sends each token's dy to every owner, which runs
 // experts_backward (its table gradients are then complete); combine_grad returns the dx
-// partials, summed like y, and the dgates of the slots each owner really holds (the
-// padding slots' dgates are dropped).
+// and dgates partials and sums them the same way (a slot's dgates is nonzero on its
+// owner only: the other owners' empty slots give exact zeros).
 //
-// The plan is built on the host from the routing, so dispatch waits for the device:
-// a layer with P > 1 cannot be captured in a CUDA graph. Every rank calls the four
-// steps together and in order (they are collectives).
+// The row counts follow from the ranks' token counts alone. These are exchanged (one
+// host synchronisation) only when this rank's T changes: every rank's T changes on the
+// same call (the data loader gives every rank as many tokens). Otherwise the four
+// steps only queue device work and communication on the current stream, so a warmed-up
+// layer can be captured in a CUDA graph. Every rank calls the four steps together and
+// in order (they are collectives).
 #pragma once
 
 #include <cstdint>
@@ -56,27 +61,30 @@ class ExpertExchange {
                     Tensor& dgates);
 
  private:
-  // Fills the counts, slot_rows_, send_tokens_ and combine_rows_, and the rows' local
-  // ids and gates, from the host copies of this rank's routing.
-  void build_plan(const std::vector<int32_t>& ids, const std::vector<float>& gates,
-                  std::vector<int32_t>& send_ids, std::vector<float>& send_gates);
-  int owner_of(int32_t expert) const;
-  void exchange_counts();
+  // Sets the counts for T tokens on this rank: T rows to every owner, and from every
+  // sender its token count (exchanged when T changes).
+  void set_tokens(int64_t tokens);
+  // rows [T, ...] -> send_rows_ [P T, ...]: a copy for every owner.
+  void copy_to_every_owner(const Tensor& rows);
   void send_to_owners(const Tensor& send, Tensor& recv);
-  void return_to_senders(const Tensor& send, Tensor& recv);
-  void sum_partials(const Tensor& partials, Tensor& out);
+  // The owned rows' partials [R, ...] -> out [T, ...]: the sum over owners, ascending.
+  void return_and_sum(const Tensor& partials, Tensor& returned, Tensor& out);
 
   Communicator& comm_;
   int64_t first_expert_, local_experts_;
   Device device_ = Device::cpu;
-  int64_t tokens_ = 0, slots_ = 0;
+  int64_t tokens_ = -1;
   std::vector<int64_t> send_counts_, recv_counts_;
-  std::vector<int64_t> slot_rows_;  // [T*S]: the send row holding each slot
-  Tensor send_tokens_;              // int32 [sent rows]: the token of each sent row
-  Tensor combine_rows_;             // int32 [P, T]: row of (token, owner), or `sent` if none
   ExpertRows owned_;
   // Reused buffers.
-  Tensor sent_ids_, sent_gates_, send_rows_, owned_dy_, returned_, returned_dgates_, gathered_;
+  Tensor send_rows_, send_ids_, send_gates_, owned_dy_, returned_, returned_dgates_;
 };
+
+namespace detail {
+// owner_ids, owner_gates [P T, S]: row p T + t holds token t's slots owned by p, as
+// local ids and gates, and -1 and 0 elsewhere (device tensors).
+void split_slots_by_owner_cuda(const Tensor& ids, const Tensor& gates, int64_t local_experts,
+                               int owners, Tensor& owner_ids, Tensor& owner_gates);
+}  // namespace detail
 
 }  // namespace flashmoe

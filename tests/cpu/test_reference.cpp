@@ -722,6 +722,66 @@ TEST(CpuOps, ExpertsForwardBackwardMatchReferenceDenseAndRowSparse) {
   }
 }
 
+// An empty slot (id < 0) adds nothing: every output equals that of the same slot filled
+// with expert 0 at gate 0 (which adds exact zeros), except h and dgates, which are 0, and
+// the row-sparse rows, which leave out experts only empty slots name.
+TEST(CpuOps, ExpertsSkipEmptySlots) {
+  ExpertCase c(21);
+  for (size_t i = 0; i < c.ids.size(); i += 3) c.ids[i] = i % 2 ? -1 : -7;
+  c.ids[1] = 15;  // expert 15 is touched once, by a filled slot
+  ExpertCase zeroed = c;
+  for (size_t i = 0; i < c.ids.size(); ++i) {
+    if (c.ids[i] < 0) {
+      zeroed.ids[i] = 0;
+      zeroed.gates[i] = 0.0f;
+    }
+  }
+  const int64_t T = c.T, D = c.D, S = c.S;
+  for (const Activation act : {Activation::silu, Activation::gelu, Activation::relu}) {
+    const ExpertInputs in = c.inputs(act), filled = zeroed.inputs(act);
+    Tensor y, h, y_filled, h_filled;
+    experts_forward(in, y, h);
+    experts_forward(filled, y_filled, h_filled);
+    EXPECT_EQ(y.to_vector<float>(), y_filled.to_vector<float>());
+    const std::vector<float> h_values = h.to_vector<float>(),
+                             h_filled_values = h_filled.to_vector<float>();
+    for (int64_t i = 0; i < T * S; ++i) {
+      EXPECT_EQ(h_values[i], c.ids[i] < 0 ? 0.0f : h_filled_values[i]) << "pair " << i;
+    }
+    const Tensor dy = float_tensor(c.dy, {T, D});
+    ExpertGrads dense, dense_filled, sparse;
+    experts_backward(in, h, dy, GradLayout::dense, dense);
+    experts_backward(filled, h_filled, dy, GradLayout::dense, dense_filled);
+    EXPECT_EQ(dense.dx.to_vector<float>(), dense_filled.dx.to_vector<float>());
+    EXPECT_EQ(dense.d_down.to_vector<float>(), dense_filled.d_down.to_vector<float>());
+    EXPECT_EQ(dense.d_up.to_vector<float>(), dense_filled.d_up.to_vector<float>());
+    const std::vector<float> dgates = dense.dgates.to_vector<float>(),
+                             dgates_filled = dense_filled.dgates.to_vector<float>();
+    for (int64_t i = 0; i < T * S; ++i) {
+      EXPECT_EQ(dgates[i], c.ids[i] < 0 ? 0.0f : dgates_filled[i]) << "pair " << i;
+    }
+    experts_backward(in, h, dy, GradLayout::row_sparse, sparse);
+    const std::vector<int32_t> touched = ref::touched_experts(c.ids.data(), T * S);
+    ASSERT_FALSE(touched.empty());
+    EXPECT_GE(touched.front(), 0);
+    const std::vector<int32_t> rows = sparse.rows.to_vector<int32_t>();
+    for (size_t r = 0; r < rows.size(); ++r) {
+      EXPECT_EQ(rows[r], r < touched.size() ? touched[r] : -1);
+    }
+  }
+  // Every slot empty: zeros everywhere, no touched row.
+  ExpertCase none = c;
+  std::fill(none.ids.begin(), none.ids.end(), -1);
+  const ExpertInputs in = none.inputs(Activation::silu);
+  Tensor y, h;
+  experts_forward(in, y, h);
+  EXPECT_EQ(y.to_vector<float>(), std::vector<float>(T * D, 0.0f));
+  ExpertGrads sparse;
+  experts_backward(in, h, float_tensor(c.dy, {T, D}), GradLayout::row_sparse, sparse);
+  EXPECT_EQ(sparse.dx.to_vector<float>(), std::vector<float>(T * D, 0.0f));
+  EXPECT_EQ(sparse.rows.to_vector<int32_t>(), std::vector<int32_t>(sparse.rows.numel(), -1));
+}
+
 // ---------------------------------------------------------------------------------------
 // Bad inputs: one-line errors naming the problem.
 
@@ -757,8 +817,8 @@ TEST(BadInput, ExpertOpsNameTheProblem) {
   bad_id.ids.data<int32_t>()[7] = 16;
   EXPECT_ERROR_CONTAINS(experts_forward(bad_id, y, h),
                         "expert id 16 at position 7, expected 0 <= id < E = 16");
-  bad_id.ids.data<int32_t>()[7] = -1;
-  EXPECT_ERROR_CONTAINS(experts_forward(bad_id, y, h), "expert id -1 at position 7");
+  bad_id.ids.data<int32_t>()[7] = 17;
+  EXPECT_ERROR_CONTAINS(experts_forward(bad_id, y, h), "expert id 17 at position 7");
 
   ExpertInputs float_ids = c.inputs(Activation::silu);
   float_ids.ids = Tensor::zeros({c.T, c.S}, DType::f32, Device::cpu);

@@ -52,17 +52,21 @@ Tensor random_tensor(const Shape& shape, DType dtype, uint64_t seed, float lo, f
 }
 
 // A share `hot_share` of the ids drawn from `hot` distinct experts picked at random,
-// the rest uniform over all experts.
+// the rest uniform over all experts; then a share `empty_share` of the slots emptied
+// (id -1), as expert parallelism pads them.
 struct IdPattern {
   const char* name;  // suffix of the test name
   int64_t hot;
   double hot_share;
+  double empty_share = 0.0;
 };
 constexpr IdPattern rep{"", 8, 0.5};  // repeats within and across tokens
 constexpr IdPattern skew{"_skewed", 3, 1.0};
 constexpr IdPattern heavy{"_heavy", 4, 0.9};    // a few experts with thousands of pairs
 constexpr IdPattern single{"_single", 1, 1.0};  // every pair on one expert
 constexpr IdPattern uniform{"_uniform", 0, 0.0};
+constexpr IdPattern padded{"_padded", 8, 0.5, 0.75};  // an owner's rows on one of 4 ranks
+constexpr IdPattern empty{"_empty", 0, 0.0, 1.0};     // no filled slot at all
 
 Tensor random_ids(int64_t tokens, int64_t slots, int64_t experts, IdPattern pattern,
                   uint32_t seed) {
@@ -76,7 +80,11 @@ Tensor random_ids(int64_t tokens, int64_t slots, int64_t experts, IdPattern patt
   std::uniform_int_distribution<size_t> pick(0, hot.empty() ? 0 : hot.size() - 1);
   std::bernoulli_distribution is_hot(hot.empty() ? 0.0 : pattern.hot_share);
   std::vector<int32_t> ids(tokens * slots);
-  for (int32_t& id : ids) id = is_hot(rng) ? hot[pick(rng)] : any(rng);
+  std::bernoulli_distribution is_empty(pattern.empty_share);
+  for (int32_t& id : ids) {
+    id = is_hot(rng) ? hot[pick(rng)] : any(rng);
+    if (is_empty(rng)) id = -1;
+  }
   return Tensor::from_vector(ids, {tokens, slots}, Device::cuda);
 }
 
@@ -209,13 +217,18 @@ INSTANTIATE_TEST_SUITE_P(
         Case{300, 64, 256, 16, f32, silu, heavy}, Case{1000, 768, 4096, 16, bf, silu, heavy},
         Case{1000, 100, 4096, 16, f32, gelu, heavy}, Case{1000, 64, 102400, 64, f32, relu, heavy},
         Case{1000, 64, 102400, 16, f32, silu, single}, Case{333, 1024, 16384, 64, bf, silu, single},
-        Case{1000, 100, 64, 16, bf, gelu, single}),
+        Case{1000, 100, 64, 16, bf, gelu, single},
+        // Empty slots (id -1): skipped by every kernel, in no output row.
+        Case{333, 768, 4096, 16, f32, silu, padded}, Case{1000, 1024, 16384, 64, bf, silu, padded},
+        Case{7, 100, 4096, 512, f32, relu, padded}, Case{1000, 64, 102400, 16, f32, gelu, padded},
+        Case{300, 64, 256, 16, f32, silu, IdPattern{"_heavy_padded", 4, 0.9, 0.5}},
+        Case{333, 64, 4096, 16, f32, silu, empty}, Case{7, 1024, 64, 8, bf, silu, empty}),
     case_name);
 
 // Two runs on the same inputs give the same bytes in every output.
 TEST(ExpertsGpu, BitwiseRepeatable) {
   FLASHMOE_REQUIRE_GPU();
-  for (IdPattern pattern : {rep, skew, heavy, single}) {
+  for (IdPattern pattern : {rep, skew, heavy, single, padded}) {
     SCOPED_TRACE(std::string("ids") + pattern.name);
     const ExpertInputs in =
         random_inputs(1000, 1024, 4096, 64, DType::bf16, Activation::silu, pattern, 42);
@@ -256,7 +269,7 @@ TEST(ExpertsGpu, OutOfRangeIdIsAClearError) {
   FLASHMOE_REQUIRE_GPU();
   ExpertInputs in = random_inputs(50, 64, 4096, 8, DType::f32, Activation::silu, rep, 5);
   const Tensor dy = random_tensor({50, 64}, DType::f32, 6, -1.0f, 1.0f);
-  for (int32_t bad : {4096, -1, 1 << 30}) {
+  for (int32_t bad : {4096, 4097, 1 << 30}) {
     std::vector<int32_t> ids = in.ids.to_vector<int32_t>();
     ids[123] = bad;  // token 15, slot 3
     ids[300] = bad;  // later: the first one is reported
