@@ -8,10 +8,11 @@
 //   dispatch: every owner p (ascending rank) gets one row per token, tokens ascending:
 //             the token's x, and the S slots' local ids and gates where p owns the
 //             slot's expert; the other slots are empty (id -1, gate 0), so they read no
-//             table row and add exact zeros to y and to every gradient. The owner's
-//             work is exactly its (token, expert) pairs; a token routed nowhere on an
-//             owner costs only its row of traffic. An id outside [0, E) reaches no
-//             owner: its slot is empty everywhere.
+//             table row and add exact zeros to y and to every gradient. The owner
+//             gathers and sums exactly its (token, expert) pairs (the empty slots
+//             only pass through the backward's sort, as keys after every expert); a
+//             token routed nowhere on an owner costs only its row of traffic. An id
+//             outside [0, E) reaches no owner: its slot is empty everywhere.
 //   the owner runs experts_forward on the rows it received (its ExpertRows), and
 //   combine:  returns each row's partial y; the sender sums a token's P partials in
 //             ascending owner rank, so the result is deterministic.
