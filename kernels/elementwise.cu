@@ -1,3 +1,5 @@
+#include <cmath>
+
 #include "core/philox.h"
 #include "kernels/elementwise.h"
 #include "kernels/op_utils.cuh"
@@ -90,6 +92,20 @@ void init_uniform(Tensor& t, uint64_t seed, uint64_t stream, float bound, int64_
     for_each_index(t.device(), t.numel(), UniformOp<T>{p, seed, stream, bound, offset},
                    "init_uniform");
   });
+}
+
+float fan_in_bound(int64_t fan_in) {
+  return fan_in > 0 ? 1.0f / std::sqrt(static_cast<float>(fan_in)) : 0.0f;
+}
+
+Parameter uniform_parameter(std::string name, Shape shape, DType dtype, Device device,
+                            uint64_t seed, uint64_t stream, int64_t fan_in) {
+  Parameter p;
+  p.name = std::move(name);
+  p.value = Tensor::empty(shape, dtype, device);
+  init_uniform(p.value, seed, stream, fan_in_bound(fan_in));
+  p.grad = Tensor::zeros(shape, DType::f32, device);
+  return p;
 }
 
 }  // namespace flashmoe

@@ -11,6 +11,7 @@
 
 #include <cstdint>
 
+#include "core/parameter.h"
 #include "core/tensor.h"
 
 namespace flashmoe {
@@ -19,5 +20,13 @@ void add(const Tensor& a, const Tensor& b, Tensor& out);
 void add_into(const Tensor& a, Tensor& out);
 void convert(const Tensor& src, Tensor& dst);
 void init_uniform(Tensor& t, uint64_t seed, uint64_t stream, float bound, int64_t offset = 0);
+
+// 1/sqrt(fan_in), the bound of PyTorch's default linear initialisation; 0 for fan_in 0.
+float fan_in_bound(int64_t fan_in);
+
+// A parameter of `shape` drawn by init_uniform with bound fan_in_bound(fan_in), and a
+// zero fp32 gradient of the same shape.
+Parameter uniform_parameter(std::string name, Shape shape, DType dtype, Device device,
+                            uint64_t seed, uint64_t stream, int64_t fan_in);
 
 }  // namespace flashmoe

@@ -13,18 +13,6 @@ namespace {
 // Expert-table gradients above this many elements per table are kept row-sparse:
 // a batch touches at most T*H*K rows of a table of millions.
 constexpr int64_t kDenseExpertGradLimit = int64_t(1) << 26;
-
-Parameter make_parameter(std::string name, Shape shape, DType dtype, Device device, uint64_t seed,
-                         uint64_t stream, float bound) {
-  Parameter p;
-  p.name = std::move(name);
-  p.value = Tensor::empty(shape, dtype, device);
-  init_uniform(p.value, seed, stream, bound);
-  p.grad = Tensor::zeros(shape, DType::f32, device);
-  return p;
-}
-
-float fan_in_bound(int64_t fan_in) { return fan_in > 0 ? 1.0f / std::sqrt(float(fan_in)) : 0.0f; }
 }  // namespace
 
 FlashMoELayer::FlashMoELayer(int64_t dim, const MoeConfig& config, Device device, DType dtype,
@@ -47,12 +35,11 @@ FlashMoELayer::FlashMoELayer(int64_t dim, const MoeConfig& config, Device device
     batchnorm_.sync = [comm](Tensor& partial_sums) { comm->all_reduce_sum(partial_sums); };
   }
   const int64_t local_E = exchange_ ? exchange_->local_experts() : E;
-  w_gate_up_ = make_parameter("w_gate_up", {2 * I, dim}, dtype, device, seed, stream_base + 0,
-                              fan_in_bound(dim));
-  w_down_ =
-      make_parameter("w_down", {dim, I}, dtype, device, seed, stream_base + 1, fan_in_bound(I));
-  w_router_ = make_parameter("w_router", {H * 2 * num_keys_, dim}, dtype, device, seed,
-                             stream_base + 2, fan_in_bound(dim));
+  w_gate_up_ =
+      uniform_parameter("w_gate_up", {2 * I, dim}, dtype, device, seed, stream_base + 0, dim);
+  w_down_ = uniform_parameter("w_down", {dim, I}, dtype, device, seed, stream_base + 1, I);
+  w_router_ = uniform_parameter("w_router", {H * 2 * num_keys_, dim}, dtype, device, seed,
+                                stream_base + 2, dim);
   for (Parameter* table : {&down_embed_, &up_embed_}) {
     const bool down = table == &down_embed_;
     Parameter& p = *table;

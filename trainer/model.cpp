@@ -14,17 +14,6 @@ namespace {
 
 constexpr uint64_t kFirstBlockStream = 16, kStreamsPerBlock = 16, kMoeStreamOffset = 8;
 
-// A matrix [rows, fan_in] drawn from U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fp32 zero gradient.
-Parameter matrix_parameter(std::string name, Shape shape, DType dtype, Device device, uint64_t seed,
-                           uint64_t stream) {
-  Parameter p;
-  p.name = std::move(name);
-  p.value = Tensor::empty(shape, dtype, device);
-  init_uniform(p.value, seed, stream, 1.0f / std::sqrt(static_cast<float>(shape[1])));
-  p.grad = Tensor::zeros(shape, DType::f32, device);
-  return p;
-}
-
 // An RMSNorm gain [D]: fp32 ones (RMSNorm takes its gain in fp32), no weight decay.
 Parameter gain_parameter(std::string name, int64_t dim, Device device) {
   Parameter p;
@@ -105,8 +94,8 @@ Model::Block::Block(const ModelConfig& model, const MoeConfig& moe_config, int64
   const uint64_t stream = kFirstBlockStream + kStreamsPerBlock * uint64_t(index);
   const std::string prefix = "blocks." + std::to_string(index) + ".";
   attn_gain = gain_parameter(prefix + "attn_norm.gain", D, device);
-  w_qkv = matrix_parameter(prefix + "attn.w_qkv", {3 * D, D}, dtype, device, seed, stream);
-  w_o = matrix_parameter(prefix + "attn.w_o", {D, D}, dtype, device, seed, stream + 1);
+  w_qkv = uniform_parameter(prefix + "attn.w_qkv", {3 * D, D}, dtype, device, seed, stream, D);
+  w_o = uniform_parameter(prefix + "attn.w_o", {D, D}, dtype, device, seed, stream + 1, D);
   ffn_gain = gain_parameter(prefix + "ffn_norm.gain", D, device);
   if (is_moe_block(model, index)) {
     moe = std::make_unique<FlashMoELayer>(D, moe_config, device, dtype, seed,
@@ -117,8 +106,8 @@ Model::Block::Block(const ModelConfig& model, const MoeConfig& moe_config, int64
   }
   const int64_t F = moe_config.shared_intermediate > 0 ? moe_config.shared_intermediate : 4 * D;
   w_gate_up =
-      matrix_parameter(prefix + "mlp.w_gate_up", {2 * F, D}, dtype, device, seed, stream + 2);
-  w_down = matrix_parameter(prefix + "mlp.w_down", {D, F}, dtype, device, seed, stream + 3);
+      uniform_parameter(prefix + "mlp.w_gate_up", {2 * F, D}, dtype, device, seed, stream + 2, D);
+  w_down = uniform_parameter(prefix + "mlp.w_down", {D, F}, dtype, device, seed, stream + 3, F);
 }
 
 std::vector<Parameter*> Model::Block::parameters() {
@@ -204,9 +193,9 @@ Model::Model(const ModelConfig& model, const MoeConfig& moe, Device device, DTyp
   FLASHMOE_CHECK(dtype == DType::f32 || dtype == DType::bf16,
                  "model dtype is " << dtype_name(dtype) << ", expected fp32 or bf16");
   const int64_t D = model.d_model;
-  embed_ = matrix_parameter("embed", {model.vocab, D}, dtype, device, seed, 0);
+  embed_ = uniform_parameter("embed", {model.vocab, D}, dtype, device, seed, 0, D);
   if (model.pos_embedding == PosEmbedding::learned) {
-    pos_embed_ = matrix_parameter("pos_embed", {model.seq_len, D}, dtype, device, seed, 1);
+    pos_embed_ = uniform_parameter("pos_embed", {model.seq_len, D}, dtype, device, seed, 1, D);
   }
   for (int64_t l = 0; l < model.n_layers; ++l) {
     blocks_.push_back(std::make_unique<Block>(model, moe, l, device, dtype, seed, comm));
