@@ -33,12 +33,15 @@ class Communicator {
   virtual void barrier() = 0;
 };
 
-// Checks an all_to_all count vector: one non-negative count per rank.
-void check_counts(const std::vector<int64_t>& counts, int world_size, const char* what);
-
-// Bytes of one row of t (its trailing shape): the unit of all_to_all counts, defined
-// also for a tensor of zero rows.
-int64_t row_bytes(const Tensor& t);
+// The byte layout of an all_to_all, per peer, once every argument is checked: one
+// non-negative count per rank, rows of one size (a row is the tensors' trailing shape,
+// so a buffer of zero rows still has one), and counts that fit the buffers.
+struct AllToAllLayout {
+  std::vector<int64_t> send_bytes, send_offset, recv_bytes, recv_offset;
+};
+AllToAllLayout all_to_all_layout(const Tensor& send, const std::vector<int64_t>& send_counts,
+                                 const Tensor& recv, const std::vector<int64_t>& recv_counts,
+                                 int world_size);
 
 // The single-rank communicator: every collective is the identity.
 std::unique_ptr<Communicator> make_local_communicator();

@@ -2,6 +2,7 @@
 
 namespace flashmoe {
 
+namespace {
 void check_counts(const std::vector<int64_t>& counts, int world_size, const char* what) {
   FLASHMOE_CHECK(
       static_cast<int>(counts.size()) == world_size,
@@ -17,6 +18,37 @@ int64_t row_bytes(const Tensor& t) {
   return bytes;
 }
 
+// Bytes and offsets of `counts` rows of `row` bytes each, within a buffer of `capacity`.
+void lay_out(const std::vector<int64_t>& counts, int64_t row, int64_t capacity, const char* what,
+             std::vector<int64_t>& bytes, std::vector<int64_t>& offset) {
+  int64_t at = 0;
+  for (int64_t c : counts) {
+    offset.push_back(at);
+    bytes.push_back(c * row);
+    at += c * row;
+  }
+  FLASHMOE_CHECK(at <= capacity,
+                 what << " total " << at << " bytes, expected at most the buffer's " << capacity);
+}
+}  // namespace
+
+AllToAllLayout all_to_all_layout(const Tensor& send, const std::vector<int64_t>& send_counts,
+                                 const Tensor& recv, const std::vector<int64_t>& recv_counts,
+                                 int world_size) {
+  check_counts(send_counts, world_size, "all_to_all send counts");
+  check_counts(recv_counts, world_size, "all_to_all receive counts");
+  const int64_t row = row_bytes(send);
+  FLASHMOE_CHECK(row == row_bytes(recv), "all_to_all buffers have rows of "
+                                             << row << " and " << row_bytes(recv)
+                                             << " bytes, expected equal rows");
+  AllToAllLayout layout;
+  lay_out(send_counts, row, static_cast<int64_t>(send.nbytes()), "all_to_all send counts",
+          layout.send_bytes, layout.send_offset);
+  lay_out(recv_counts, row, static_cast<int64_t>(recv.nbytes()), "all_to_all receive counts",
+          layout.recv_bytes, layout.recv_offset);
+  return layout;
+}
+
 namespace {
 class LocalCommunicator final : public Communicator {
  public:
@@ -28,9 +60,10 @@ class LocalCommunicator final : public Communicator {
   }
   void all_to_all(const Tensor& send, const std::vector<int64_t>& send_counts, Tensor& recv,
                   const std::vector<int64_t>& recv_counts) override {
-    FLASHMOE_CHECK(
-        send_counts.size() == 1 && recv_counts.size() == 1 && send_counts[0] == recv_counts[0],
-        "all_to_all in a 1-rank job needs one equal send and receive count");
+    all_to_all_layout(send, send_counts, recv, recv_counts, 1);
+    FLASHMOE_CHECK(send_counts[0] == recv_counts[0], "all_to_all in a 1-rank job sends "
+                                                         << send_counts[0] << " rows and receives "
+                                                         << recv_counts[0] << ", expected equal");
     recv.rows(0, recv_counts[0]).copy_from(send.rows(0, send_counts[0]));
   }
   void barrier() override {}

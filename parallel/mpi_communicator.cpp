@@ -69,25 +69,14 @@ class MpiCommunicator final : public Communicator {
                   const std::vector<int64_t>& recv_counts) override {
     expect_device(send, Device::cpu, "MPI all_to_all send buffer");
     expect_device(recv, Device::cpu, "MPI all_to_all receive buffer");
-    check_counts(send_counts, size_, "all_to_all send counts");
-    check_counts(recv_counts, size_, "all_to_all receive counts");
-    const int64_t bytes_per_row = row_bytes(send);
-    FLASHMOE_CHECK(bytes_per_row == row_bytes(recv),
-                   "all_to_all buffers have rows of " << bytes_per_row << " and " << row_bytes(recv)
-                                                      << " bytes, expected equal rows");
+    const AllToAllLayout layout = all_to_all_layout(send, send_counts, recv, recv_counts, size_);
     std::vector<int> scounts(size_), sdispls(size_), rcounts(size_), rdispls(size_);
-    int64_t soff = 0, roff = 0;
     for (int p = 0; p < size_; ++p) {
-      scounts[p] = to_int(send_counts[p] * bytes_per_row, "all_to_all send bytes");
-      rcounts[p] = to_int(recv_counts[p] * bytes_per_row, "all_to_all receive bytes");
-      sdispls[p] = to_int(soff, "all_to_all send offset");
-      rdispls[p] = to_int(roff, "all_to_all receive offset");
-      soff += scounts[p];
-      roff += rcounts[p];
+      scounts[p] = to_int(layout.send_bytes[p], "all_to_all send bytes");
+      sdispls[p] = to_int(layout.send_offset[p], "all_to_all send offset");
+      rcounts[p] = to_int(layout.recv_bytes[p], "all_to_all receive bytes");
+      rdispls[p] = to_int(layout.recv_offset[p], "all_to_all receive offset");
     }
-    FLASHMOE_CHECK(
-        soff <= static_cast<int64_t>(send.nbytes()) && roff <= static_cast<int64_t>(recv.nbytes()),
-        "all_to_all counts exceed the buffers");
     MPI_CHECK(MPI_Alltoallv(send.raw(), scounts.data(), sdispls.data(), MPI_BYTE, recv.raw(),
                             rcounts.data(), rdispls.data(), MPI_BYTE, comm_));
   }

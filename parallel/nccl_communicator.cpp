@@ -51,36 +51,21 @@ class NcclCommunicator final : public Communicator {
                   const std::vector<int64_t>& recv_counts) override {
     expect_device(send, Device::cuda, "NCCL all_to_all send buffer");
     expect_device(recv, Device::cuda, "NCCL all_to_all receive buffer");
-    check_counts(send_counts, size_, "all_to_all send counts");
-    check_counts(recv_counts, size_, "all_to_all receive counts");
-    const int64_t send_row = row_bytes(send), recv_row = row_bytes(recv);
+    const AllToAllLayout layout = all_to_all_layout(send, send_counts, recv, recv_counts, size_);
     const auto* sbase = static_cast<const uint8_t*>(send.raw());
     auto* rbase = static_cast<uint8_t*>(recv.raw());
-    int64_t send_total = 0, recv_total = 0;
-    for (int p = 0; p < size_; ++p) {
-      send_total += send_counts[p] * send_row;
-      recv_total += recv_counts[p] * recv_row;
-    }
-    FLASHMOE_CHECK(send_total <= static_cast<int64_t>(send.nbytes()) &&
-                       recv_total <= static_cast<int64_t>(recv.nbytes()),
-                   "all_to_all counts exceed the buffers");
-    int64_t soff = 0, roff = 0;
     NCCL_CHECK(ncclGroupStart());
     for (int p = 0; p < size_; ++p) {
-      const int64_t sbytes = send_counts[p] * send_row, rbytes = recv_counts[p] * recv_row;
-      if (sbytes > 0) {
-        NCCL_CHECK(ncclSend(sbase + soff, sbytes, ncclUint8, p, comm_, current_stream()));
+      if (layout.send_bytes[p] > 0) {
+        NCCL_CHECK(ncclSend(sbase + layout.send_offset[p], layout.send_bytes[p], ncclUint8, p,
+                            comm_, current_stream()));
       }
-      if (rbytes > 0) {
-        NCCL_CHECK(ncclRecv(rbase + roff, rbytes, ncclUint8, p, comm_, current_stream()));
+      if (layout.recv_bytes[p] > 0) {
+        NCCL_CHECK(ncclRecv(rbase + layout.recv_offset[p], layout.recv_bytes[p], ncclUint8, p,
+                            comm_, current_stream()));
       }
-      soff += sbytes;
-      roff += rbytes;
     }
     NCCL_CHECK(ncclGroupEnd());
-    FLASHMOE_CHECK(
-        soff <= static_cast<int64_t>(send.nbytes()) && roff <= static_cast<int64_t>(recv.nbytes()),
-        "all_to_all counts exceed the buffers");
   }
 
   void barrier() override {
