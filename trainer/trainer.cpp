@@ -33,8 +33,8 @@ std::string format_duration(double seconds) {
   return os.str();
 }
 
-// Reads one device (or host) scalar of any float dtype.
-double read_scalar(const Tensor& t, int64_t index = 0) { return t.to_doubles()[index]; }
+// Reads a one-element device (or host) tensor of any float dtype.
+double read_scalar(const Tensor& t) { return t.to_doubles()[0]; }
 
 }  // namespace
 
