@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "core/graph.h"
 #include "core/philox.h"
 #include "core/stream.h"
 #include "core/tensor.h"
@@ -208,8 +209,15 @@ void bench_layer(const LayerCase& c, const Options& opt, std::vector<Result>& re
         layers[i % sets]->backward(dy);
       },
       reps);
+  // The same step replayed from a CUDA graph: the difference is host launch overhead.
+  CapturedGraph step([&] {
+    layers[0]->forward(xs[0], true);
+    layers[0]->backward(dy);
+  });
+  double graphed = time_median_ms([&](int) { step.replay(); }, reps);
   results.push_back({c.name, "layer fwd", fwd, 0});
   results.push_back({c.name, "layer fwd+bwd", both, 0, peak_gib});
+  results.push_back({c.name, "layer fwd+bwd, graph", graphed, 0});
 }
 
 bool selected(const Options& opt, const std::string& name) {

@@ -52,7 +52,6 @@ __global__ void column_finish_kernel(const Acc* partial, int64_t D, int chunks, 
 template <class Acc, class Out, class F>
 void column_sum(Device device, F f, int64_t M, int64_t D, Out* out, Tensor& workspace) {
   if (device == Device::cpu) {
-    for (int64_t d = 0; d < D; ++d) out[d] = Out(0);
     std::vector<Acc> sum(D, Acc(0));
     for (int64_t m = 0; m < M; ++m) {
       for (int64_t d = 0; d < D; ++d) sum[d] += f(m, d);

@@ -12,6 +12,7 @@
 
 #include "core/bf16.h"
 #include "kernels/activation.h"
+#include "kernels/warp.cuh"
 
 namespace flashmoe::detail::experts_gpu {
 
@@ -99,14 +100,6 @@ __device__ __forceinline__ void store_fp32(float* dst, const float (&v)[kVec], b
       }
     }
   }
-}
-
-// Sum over the warp by a fixed butterfly: every lane gets the same, repeatable value.
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int offset = kWarp / 2; offset > 0; offset /= 2)
-    v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
 }
 
 // ---------------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 
 #include "core/stream.h"
 #include "kernels/column_sum.cuh"
-#include "kernels/elementwise.cuh"
 #include "kernels/norm.h"
+#include "kernels/op_utils.cuh"
 
 namespace flashmoe {
 
@@ -16,8 +16,7 @@ template <class F>
 __device__ float warp_row_sum(F f, int64_t D) {
   float sum = 0;
   for (int64_t d = threadIdx.x & 31; d < D; d += 32) sum += f(d);
-  for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-  return sum;
+  return warp_sum(sum);
 }
 
 FLASHMOE_HD float gain_at(const float* gain, int64_t d) { return gain ? gain[d] : 1.0f; }
@@ -217,88 +216,78 @@ struct DyTimesXhat {
 };
 
 // Statistics from the global sums; the running statistics move in training only.
-FLASHMOE_HD void batchnorm_finalize_feature(const double* sums, int64_t D, int64_t d, bool training,
-                                            float momentum, float eps, float* running_mean,
-                                            float* running_var, float* mean, float* invstd) {
-  double mu = running_mean[d], var = running_var[d];
-  if (training) {
-    const double n = sums[2 * D];
-    mu = sums[d] / n;
-    var = sums[D + d] / n - mu * mu;
-    var = var > 0 ? var : 0;
-    const double unbiased = n > 1 ? var * n / (n - 1) : var;
-    running_mean[d] = static_cast<float>(running_mean[d] + momentum * (mu - running_mean[d]));
-    running_var[d] = static_cast<float>(running_var[d] + momentum * (unbiased - running_var[d]));
+struct BatchnormFinalize {
+  const double* sums;
+  int64_t D;
+  bool training;
+  float momentum, eps;
+  float *running_mean, *running_var, *mean, *invstd;
+  FLASHMOE_HD void operator()(int64_t d) const {
+    double mu = running_mean[d], var = running_var[d];
+    if (training) {
+      const double n = sums[2 * D];
+      mu = sums[d] / n;
+      var = sums[D + d] / n - mu * mu;
+      var = var > 0 ? var : 0;
+      const double unbiased = n > 1 ? var * n / (n - 1) : var;
+      running_mean[d] = static_cast<float>(running_mean[d] + momentum * (mu - running_mean[d]));
+      running_var[d] = static_cast<float>(running_var[d] + momentum * (unbiased - running_var[d]));
+    }
+    mean[d] = static_cast<float>(mu);
+    invstd[d] = static_cast<float>(1.0 / sqrt(var + eps));
   }
-  mean[d] = static_cast<float>(mu);
-  invstd[d] = static_cast<float>(1.0 / sqrt(var + eps));
-}
-
-__global__ void batchnorm_finalize_kernel(const double* sums, int64_t D, bool training,
-                                          float momentum, float eps, float* running_mean,
-                                          float* running_var, float* mean, float* invstd) {
-  const int64_t d = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (d < D) {
-    batchnorm_finalize_feature(sums, D, d, training, momentum, eps, running_mean, running_var, mean,
-                               invstd);
-  }
-}
-
-__global__ void set_count_kernel(double* count, double value) { *count = value; }
+};
 
 template <class T>
-FLASHMOE_HD void batchnorm_apply_element(const T* x, const float* mean, const float* invstd,
-                                         int64_t D, int64_t idx, T* y) {
-  const int64_t d = idx % D;
-  store_float(y, idx, (load_float(x, idx) - mean[d]) * invstd[d]);
-}
+struct BatchnormApply {
+  const T* x;
+  const float *mean, *invstd;
+  int64_t D;
+  T* y;
+  FLASHMOE_HD void operator()(int64_t idx) const {
+    const int64_t d = idx % D;
+    store_float(y, idx, (load_float(x, idx) - mean[d]) * invstd[d]);
+  }
+};
 
 template <class T>
-FLASHMOE_HD void batchnorm_backward_element(const T* x, const T* dy, const float* mean,
-                                            const float* invstd, const double* sums, bool training,
-                                            int64_t D, int64_t idx, T* dx) {
-  const int64_t d = idx % D;
-  float g = load_float(dy, idx);
-  if (training) {
-    const double n = sums[2 * D];
-    const float xhat = (load_float(x, idx) - mean[d]) * invstd[d];
-    g -= static_cast<float>(sums[d] / n) + xhat * static_cast<float>(sums[D + d] / n);
+struct BatchnormBackward {
+  const T *x, *dy;
+  const float *mean, *invstd;
+  const double* sums;
+  bool training;
+  int64_t D;
+  T* dx;
+  FLASHMOE_HD void operator()(int64_t idx) const {
+    const int64_t d = idx % D;
+    float g = load_float(dy, idx);
+    if (training) {
+      const double n = sums[2 * D];
+      const float xhat = (load_float(x, idx) - mean[d]) * invstd[d];
+      g -= static_cast<float>(sums[d] / n) + xhat * static_cast<float>(sums[D + d] / n);
+    }
+    store_float(dx, idx, g * invstd[d]);
   }
-  store_float(dx, idx, g * invstd[d]);
-}
+};
 
-template <class T>
-__global__ void batchnorm_apply_kernel(const T* x, const float* mean, const float* invstd,
-                                       int64_t D, int64_t n, T* y) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    batchnorm_apply_element(x, mean, invstd, D, i, y);
+// Columns [0, D) are a, [D, 2D) are b and column 2D is 1, so that one pass over the
+// rows gives sum a, sum b and the row count M (exact in fp64).
+template <class A, class B>
+struct StatisticColumns {
+  A a;
+  B b;
+  int64_t D;
+  FLASHMOE_HD double operator()(int64_t m, int64_t c) const {
+    return c < D ? a(m, c) : (c < 2 * D ? b(m, c - D) : 1.0);
   }
-}
+};
 
-template <class T>
-__global__ void batchnorm_backward_kernel(const T* x, const T* dy, const float* mean,
-                                          const float* invstd, const double* sums, bool training,
-                                          int64_t D, int64_t n, T* dx) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    batchnorm_backward_element(x, dy, mean, invstd, sums, training, D, i, dx);
-  }
-}
-
-// sums[0..D) = sum a, sums[D..2D) = sum b, sums[2D] = M (this rank's rows); then the hook.
+// bn.sums = [sum a (D), sum b (D), M] over this rank's rows; then the hook sums ranks.
 template <class A, class B>
 void partial_sums(BatchNorm& bn, Device device, A a, B b, int64_t M, int64_t D) {
   ensure(bn.sums, {2 * D + 1}, DType::f64, device);
-  double* sums = bn.sums.data<double>();
-  column_sum<double>(device, a, M, D, sums, bn.workspace);
-  column_sum<double>(device, b, M, D, sums + D, bn.workspace);
-  if (device == Device::cpu) {
-    sums[2 * D] = static_cast<double>(M);
-  } else {
-    set_count_kernel<<<1, 1, 0, current_stream()>>>(sums + 2 * D, static_cast<double>(M));
-    CUDA_CHECK_LAUNCH("set_count_kernel");
-  }
+  column_sum<double>(device, StatisticColumns<A, B>{a, b, D}, M, 2 * D + 1, bn.sums.data<double>(),
+                     bn.workspace);
   if (bn.sync) bn.sync(bn.sums);
 }
 
@@ -309,22 +298,14 @@ void batchnorm_forward_typed(BatchNorm& bn, const Tensor& x, bool training, Tens
   const Device device = x.device();
   if (training) partial_sums(bn, device, Value<T>{x.data<T>(), D}, Square<T>{x.data<T>(), D}, M, D);
   const double* sums = training ? bn.sums.data<double>() : nullptr;
-  float *rm = bn.running_mean.data<float>(), *rv = bn.running_var.data<float>();
   float *mean = saved.mean.data<float>(), *invstd = saved.invstd.data<float>();
-  if (device == Device::cpu) {
-    for (int64_t d = 0; d < D; ++d) {
-      batchnorm_finalize_feature(sums, D, d, training, bn.momentum, bn.eps, rm, rv, mean, invstd);
-    }
-    for (int64_t i = 0; i < M * D; ++i)
-      batchnorm_apply_element(x.data<T>(), mean, invstd, D, i, y.data<T>());
-    return;
-  }
-  batchnorm_finalize_kernel<<<static_cast<unsigned>((D + 255) / 256), 256, 0, current_stream()>>>(
-      sums, D, training, bn.momentum, bn.eps, rm, rv, mean, invstd);
-  CUDA_CHECK_LAUNCH("batchnorm_finalize_kernel");
-  batchnorm_apply_kernel<<<grid_for(M * D, 256), 256, 0, current_stream()>>>(
-      x.data<T>(), mean, invstd, D, M * D, y.data<T>());
-  CUDA_CHECK_LAUNCH("batchnorm_apply_kernel");
+  for_each_index(
+      device, D,
+      BatchnormFinalize{sums, D, training, bn.momentum, bn.eps, bn.running_mean.data<float>(),
+                        bn.running_var.data<float>(), mean, invstd},
+      "batchnorm_finalize");
+  for_each_index(device, M * D, BatchnormApply<T>{x.data<T>(), mean, invstd, D, y.data<T>()},
+                 "batchnorm_apply");
 }
 
 template <class T>
@@ -338,16 +319,10 @@ void batchnorm_backward_typed(BatchNorm& bn, const Tensor& x, const BatchNormSav
                  DyTimesXhat<T>{x.data<T>(), dy.data<T>(), mean, invstd, D}, M, D);
   }
   const double* sums = saved.training ? bn.sums.data<double>() : nullptr;
-  if (device == Device::cpu) {
-    for (int64_t i = 0; i < M * D; ++i) {
-      batchnorm_backward_element(x.data<T>(), dy.data<T>(), mean, invstd, sums, saved.training, D,
-                                 i, dx.data<T>());
-    }
-    return;
-  }
-  batchnorm_backward_kernel<<<grid_for(M * D, 256), 256, 0, current_stream()>>>(
-      x.data<T>(), dy.data<T>(), mean, invstd, sums, saved.training, D, M * D, dx.data<T>());
-  CUDA_CHECK_LAUNCH("batchnorm_backward_kernel");
+  for_each_index(device, M * D,
+                 BatchnormBackward<T>{x.data<T>(), dy.data<T>(), mean, invstd, sums, saved.training,
+                                      D, dx.data<T>()},
+                 "batchnorm_backward");
 }
 
 void check_running(const BatchNorm& bn, const Tensor& x) {

@@ -9,13 +9,12 @@
 //   check_ids_in_range(ids, limit, name): on the CPU, every int32 id in [0, limit) or a
 //       one-line error naming the first one that is not (GPU ops handle bad ids
 //       without a host sync instead, see each op).
-//   warp_sum, warp_max: butterfly reductions over the 32 lanes of a warp; every lane
-//       gets the result, and the order of the additions is fixed.
 #pragma once
 
 #include "core/error.h"
 #include "core/tensor.h"
 #include "kernels/elementwise.cuh"
+#include "kernels/warp.cuh"
 
 namespace flashmoe {
 
@@ -74,18 +73,6 @@ inline void check_ids_in_range(const Tensor& ids, int64_t limit, const char* nam
                                                    << " is out of range, expected [0, " << limit
                                                    << ")");
   }
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
-  }
-  return v;
 }
 
 }  // namespace flashmoe

@@ -49,6 +49,7 @@
 #include <cstdint>
 
 #include "core/bf16.h"
+#include "kernels/warp.cuh"
 
 namespace flashmoe::router_gpu {
 
@@ -111,23 +112,6 @@ __device__ __forceinline__ uint32_t entry_key(uint64_t entry) {
 }
 __device__ __forceinline__ int32_t entry_id(uint64_t entry) {
   return static_cast<int32_t>(~static_cast<uint32_t>(entry));
-}
-
-__device__ __forceinline__ float warp_max(float value) {
-#pragma unroll
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
-    value = fmaxf(value, __shfl_xor_sync(kFullMask, value, offset));
-  }
-  return value;
-}
-
-// Butterfly sum: every lane ends with the same bits (each step adds the same pair).
-__device__ __forceinline__ float warp_sum(float value) {
-#pragma unroll
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
-    value += __shfl_xor_sync(kFullMask, value, offset);
-  }
-  return value;
 }
 
 // Sum of a count over the warp: one redux.sync from sm_80 on, a butterfly before.

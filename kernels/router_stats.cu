@@ -1,7 +1,7 @@
 #include <cmath>
 
 #include "kernels/column_sum.cuh"
-#include "kernels/elementwise.cuh"
+#include "kernels/op_utils.cuh"
 #include "kernels/router_stats.h"
 
 namespace flashmoe {
@@ -32,12 +32,12 @@ struct UsedTerm {
   FLASHMOE_HD double operator()(int64_t e, int64_t) const { return used[e]; }
 };
 
-__global__ void mark_used_kernel(const int32_t* ids, int64_t n, int32_t* used) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    used[ids[i]] = 1;  // the same value from every writer: order does not matter
-  }
-}
+// The same value from every writer: the order of the writes does not matter.
+struct MarkUsed {
+  const int32_t* ids;
+  int32_t* used;
+  FLASHMOE_HD void operator()(int64_t i) const { used[ids[i]] = 1; }
+};
 
 }  // namespace
 
@@ -52,14 +52,8 @@ RouterStats router_stats(const Tensor& ids, const Tensor& gates, int64_t num_exp
   const int64_t rows = ids.size(0) * ids.size(1), K = ids.size(2);
   Tensor used = Tensor::zeros({num_experts}, DType::i32, device);
   Tensor sums = Tensor::empty({2}, DType::f64, device);
-  if (device == Device::cpu) {
-    const int32_t* id = ids.data<int32_t>();
-    for (int64_t i = 0; i < ids.numel(); ++i) used.data<int32_t>()[id[i]] = 1;
-  } else if (ids.numel() > 0) {
-    mark_used_kernel<<<grid_for(ids.numel(), 256), 256, 0, current_stream()>>>(
-        ids.data<int32_t>(), ids.numel(), used.data<int32_t>());
-    CUDA_CHECK_LAUNCH("mark_used_kernel");
-  }
+  for_each_index(device, ids.numel(), MarkUsed{ids.data<int32_t>(), used.data<int32_t>()},
+                 "mark_used");
   column_sum<double>(device, UsedTerm{used.data<int32_t>()}, num_experts, 1, sums.data<double>(),
                      workspace);
   column_sum<double>(device, EntropyTerm{gates.data<float>(), K}, rows, 1, sums.data<double>() + 1,

@@ -3,12 +3,12 @@
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include "core/graph.h"
 #include "core/philox.h"
 #include "core/stream.h"
 #include "kernels/elementwise.h"
 #include "kernels/flashmoe_layer.h"
 #include "kernels/layer_reference.h"
-#include "tests/gpu/graph_capture.h"
 #include "tests/layer_compare.h"
 
 namespace flashmoe {
@@ -74,7 +74,7 @@ TEST(LayerGpu, CudaGraphReplayEqualsEager) {
   x_in.copy_from(x);
   step_outputs(graphed, x_in, dy);  // the first call allocates every buffer
   Tensor y, dx;                     // share storage with the layer's output buffers
-  test::CapturedGraph graph([&] {
+  CapturedGraph graph([&] {
     y = graphed.forward(x_in, true);
     dx = graphed.backward(dy);
   });

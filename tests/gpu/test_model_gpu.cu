@@ -6,12 +6,12 @@
 
 #include <cmath>
 
+#include "core/graph.h"
 #include "core/philox.h"
 #include "core/stream.h"
 #include "kernels/attention.h"
 #include "kernels/cross_entropy.h"
 #include "kernels/embedding.h"
-#include "tests/gpu/graph_capture.h"
 #include "tests/test_util.h"
 #include "trainer/model.h"
 
@@ -319,7 +319,7 @@ TEST(ModelGpu, CudaGraphReplayEqualsEager) {
   tokens_in.copy_from(x);
   graphed.forward_backward(tokens_in, 0.01);  // the first call allocates every buffer
   Tensor loss;                                // shares storage with the model's loss buffer
-  test::CapturedGraph graph([&] { loss = graphed.forward_backward(tokens_in, 0.01); });
+  CapturedGraph graph([&] { loss = graphed.forward_backward(tokens_in, 0.01); });
   for (int k : {1, 0}) {
     tokens_in.copy_from(k == 0 ? x : x2);
     graph.replay();

@@ -9,10 +9,10 @@
 #include <string>
 #include <vector>
 
+#include "core/graph.h"
 #include "core/stream.h"
 #include "optim/adamw.h"
 #include "parallel/communicator.h"
-#include "tests/gpu/graph_capture.h"
 #include "tests/test_util.h"
 
 namespace flashmoe {
@@ -225,7 +225,7 @@ TEST(OptimGpu, CapturedStepReplaysLikeEagerSteps) {
   AdamW optimizer(test_config(), kTotalSteps, pointers(params));
   auto comm = make_local_communicator();
   load_gradients(specs, params, 0, Device::cuda);
-  test::CapturedGraph graph([&] { optimizer.step(*comm, kGradScale); });
+  CapturedGraph graph([&] { optimizer.step(*comm, kGradScale); });
   EXPECT_EQ(optimizer.step_count(), 0) << "capture must not run the step";
 
   Outcome replayed;

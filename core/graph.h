@@ -10,7 +10,7 @@
 #include "core/error.h"
 #include "core/stream.h"
 
-namespace flashmoe::test {
+namespace flashmoe {
 
 class CapturedGraph {
  public:
@@ -41,4 +41,4 @@ class CapturedGraph {
   cudaGraphExec_t exec_ = nullptr;
 };
 
-}  // namespace flashmoe::test
+}  // namespace flashmoe
