@@ -13,11 +13,11 @@
 
 namespace flashmoe {
 
-constexpr int kColumnSumRowsPerThread = 64;
+constexpr int kColumnSumRowsPerThread = 16;
 
 inline int column_sum_chunks(int64_t M) {
   const int64_t chunks = (M + kColumnSumRowsPerThread * 8 - 1) / (kColumnSumRowsPerThread * 8);
-  return static_cast<int>(chunks < 1 ? 1 : (chunks > 128 ? 128 : chunks));
+  return static_cast<int>(chunks < 1 ? 1 : (chunks > 256 ? 256 : chunks));
 }
 
 template <class Acc, class F>
@@ -27,10 +27,16 @@ __global__ void column_partial_kernel(F f, int64_t M, int64_t D, int chunks, Acc
   const int64_t rows_per_chunk = (M + chunks - 1) / chunks;
   const int64_t begin = blockIdx.y * rows_per_chunk;
   const int64_t end = begin + rows_per_chunk < M ? begin + rows_per_chunk : M;
-  Acc sum = 0;
+  // Four independent sums keep four loads in flight; they are added in a fixed order.
+  Acc lane_sum[4] = {0, 0, 0, 0};
   if (d < D) {
-    for (int64_t m = begin + threadIdx.y; m < end; m += 8) sum += f(m, d);
+    int64_t m = begin + threadIdx.y;
+    for (; m + 24 < end; m += 32) {
+      for (int u = 0; u < 4; ++u) lane_sum[u] += f(m + 8 * u, d);
+    }
+    for (; m < end; m += 8) lane_sum[0] += f(m, d);
   }
+  Acc sum = (lane_sum[0] + lane_sum[1]) + (lane_sum[2] + lane_sum[3]);
   cell[threadIdx.y][threadIdx.x] = sum;
   __syncthreads();
   if (threadIdx.y == 0 && d < D) {

@@ -13,8 +13,13 @@ struct AddOp {
   const A* a;
   const B* b;
   Out* out;
+  template <int W>
   FLASHMOE_HD void operator()(int64_t i) const {
-    store_float(out, i, load_float(a, i) + load_float(b, i));
+    const Lanes<W, A> x = load_lanes<W>(a, i);
+    const Lanes<W, B> y = load_lanes<W>(b, i);
+    Lanes<W, Out> sum;
+    for (int k = 0; k < W; ++k) store_float(sum.v, k, load_float(x.v, k) + load_float(y.v, k));
+    store_lanes(out, i, sum);
   }
 };
 
@@ -22,7 +27,13 @@ template <class Src, class Dst>
 struct ConvertOp {
   const Src* src;
   Dst* dst;
-  FLASHMOE_HD void operator()(int64_t i) const { store_float(dst, i, load_float(src, i)); }
+  template <int W>
+  FLASHMOE_HD void operator()(int64_t i) const {
+    const Lanes<W, Src> x = load_lanes<W>(src, i);
+    Lanes<W, Dst> y;
+    for (int k = 0; k < W; ++k) store_float(y.v, k, load_float(x.v, k));
+    store_lanes(dst, i, y);
+  }
 };
 
 template <class T>
@@ -58,7 +69,8 @@ void add(const Tensor& a, const Tensor& b, Tensor& out) {
   ensure(out, a.shape(), a.dtype(), a.device());
   with_float_data(a, [&](auto* pa) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(pa)>>;
-    for_each_index(a.device(), a.numel(), AddOp<T, T, T>{pa, b.data<T>(), out.data<T>()}, "add");
+    for_each_pack(a.device(), a.numel(), AddOp<T, T, T>{pa, b.data<T>(), out.data<T>()}, "add",
+                  {pa, b.raw(), out.raw()});
   });
 }
 
@@ -69,7 +81,7 @@ void add_into(const Tensor& a, Tensor& out) {
     with_float_data(out, [&](auto* po) {
       using A = std::remove_pointer_t<decltype(pa)>;
       using O = std::remove_pointer_t<decltype(po)>;
-      for_each_index(a.device(), a.numel(), AddOp<O, A, O>{po, pa, po}, "add_into");
+      for_each_pack(a.device(), a.numel(), AddOp<O, A, O>{po, pa, po}, "add_into", {pa, po});
     });
   });
 }
@@ -81,7 +93,7 @@ void convert(const Tensor& src, Tensor& dst) {
     with_float_data(dst, [&](auto* pd) {
       using S = std::remove_pointer_t<decltype(ps)>;
       using D = std::remove_pointer_t<decltype(pd)>;
-      for_each_index(src.device(), src.numel(), ConvertOp<S, D>{ps, pd}, "convert");
+      for_each_pack(src.device(), src.numel(), ConvertOp<S, D>{ps, pd}, "convert", {ps, pd});
     });
   });
 }

@@ -84,6 +84,13 @@ void FlashMoELayer::backward_norm(const Tensor& dxn) {
   }
 }
 
+// The shared branch runs on the side stream from the point of fork_shared_branch(), so
+// that its GEMMs can fill what the routed branch leaves idle. The routed branch is
+// queued first: the GPU starts on it while the host is still queueing the GEMMs.
+void FlashMoELayer::fork_shared_branch() {
+  if (side_ && config_.shared_intermediate > 0) side_->fork();
+}
+
 template <class Branch>
 void FlashMoELayer::run_shared_branch(Branch branch) {
   if (config_.shared_intermediate == 0) return;
@@ -91,8 +98,6 @@ void FlashMoELayer::run_shared_branch(Branch branch) {
     branch();
     return;
   }
-  // The dense GEMMs of the shared branch overlap the gather-bound routed branch.
-  side_->fork();
   StreamScope on_side(side_->stream());
   branch();
 }
@@ -138,12 +143,7 @@ const Tensor& FlashMoELayer::forward(const Tensor& x, bool training) {
   expect_device(x, device_, "layer input");
   const int64_t T = x.size(0), H = config_.heads, K = config_.top_k;
   x_ = x;
-  run_shared_branch([&] {
-    linear_forward(x_, w_gate_up_.value, gate_up_);
-    swiglu_forward(gate_up_, config_.act, hidden_);
-    linear_forward(hidden_, w_down_.value, y_shared_);
-  });
-
+  fork_shared_branch();
   forward_norm(training);
   // fp32 logits even with bf16 storage: bf16 would tie many keys, and the tie rule
   // (smaller id first) would then bias the selection toward low expert ids.
@@ -151,6 +151,11 @@ const Tensor& FlashMoELayer::forward(const Tensor& x, bool training) {
   logits_ = logits_rows_.view({T, H, 2, num_keys_});
   router_forward(logits_, static_cast<int>(K), config_.norm_topk_prob, routing_);
   routed_forward(routing_.expert_ids.view({T, H * K}), routing_.gates.view({T, H * K}));
+  run_shared_branch([&] {
+    linear_forward(x_, w_gate_up_.value, gate_up_);
+    swiglu_forward(gate_up_, config_.act, hidden_);
+    linear_forward(hidden_, w_down_.value, y_shared_);
+  });
 
   if (config_.shared_intermediate == 0) return y_routed_;
   join_shared_branch();
@@ -163,14 +168,7 @@ const Tensor& FlashMoELayer::backward(const Tensor& dy) {
   expect_shape(dy, x_.shape(), "layer dy");
   expect_dtype(dy, dtype_, "layer dy");
   const int64_t T = x_.size(0), H = config_.heads, K = config_.top_k;
-  run_shared_branch([&] {
-    linear_backward_weight(dy, hidden_, w_down_.grad, false);
-    linear_backward_input(dy, w_down_.value, dhidden_);
-    swiglu_backward(gate_up_, dhidden_, config_.act, dgate_up_);
-    linear_backward_weight(dgate_up_, x_, w_gate_up_.grad, false);
-    linear_backward_input(dgate_up_, w_gate_up_.value, dx_shared_);
-  });
-
+  fork_shared_branch();
   const auto [dx_routed, dgates] = routed_backward(dy);
   ensure(dlogits_, logits_.shape(), DType::f32, device_);
   router_backward(logits_, routing_, dgates->view({T, H, K}), config_.norm_topk_prob, dlogits_);
@@ -184,6 +182,13 @@ const Tensor& FlashMoELayer::backward(const Tensor& dy) {
   linear_backward_input(dq, w_router_.value, dxn_);
   backward_norm(dxn_);
   add(*dx_routed, dx_norm_, dx_);
+  run_shared_branch([&] {
+    linear_backward_weight(dy, hidden_, w_down_.grad, false);
+    linear_backward_input(dy, w_down_.value, dhidden_);
+    swiglu_backward(gate_up_, dhidden_, config_.act, dgate_up_);
+    linear_backward_weight(dgate_up_, x_, w_gate_up_.grad, false);
+    linear_backward_input(dgate_up_, w_gate_up_.value, dx_shared_);
+  });
   if (config_.shared_intermediate == 0) return dx_;
   join_shared_branch();
   add_into(dx_shared_, dx_);

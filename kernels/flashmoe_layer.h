@@ -62,6 +62,7 @@ class FlashMoELayer {
  private:
   template <class Branch>
   void run_shared_branch(Branch branch);
+  void fork_shared_branch();
   void join_shared_branch();
   void forward_norm(bool training);
   void backward_norm(const Tensor& dxn);

@@ -1,3 +1,4 @@
+#include <algorithm>
 #include <cmath>
 
 #include "core/stream.h"
@@ -186,34 +187,84 @@ void rmsnorm_backward(const Tensor& x, const Tensor& gain, const Tensor& rstd, c
 
 namespace {
 
+// Per-row terms of the statistics for W features from d0: a[k], b[k] of feature d0 + k.
+// Forward: a = x, b = x^2. Backward: a = dy, b = dy * xhat.
 template <class T>
-struct Value {
+struct ForwardTerms {
   const T* x;
   int64_t D;
-  FLASHMOE_HD double operator()(int64_t m, int64_t d) const { return load_float(x, m * D + d); }
-};
-
-template <class T>
-struct Square {
-  const T* x;
-  int64_t D;
-  FLASHMOE_HD double operator()(int64_t m, int64_t d) const {
-    const double v = load_float(x, m * D + d);
-    return v * v;
+  template <int W>
+  FLASHMOE_HD void operator()(int64_t m, int64_t d0, double (&a)[W], double (&b)[W]) const {
+    const Lanes<W, T> xs = load_lanes<W>(x, m * D + d0);
+    for (int k = 0; k < W; ++k) {
+      a[k] = load_float(xs.v, k);
+      b[k] = a[k] * a[k];
+    }
   }
 };
 
 template <class T>
-struct DyTimesXhat {
-  const T* x;
-  const T* dy;
-  const float* mean;
-  const float* invstd;
+struct BackwardTerms {
+  const T *x, *dy;
+  const float *mean, *invstd;
   int64_t D;
-  FLASHMOE_HD double operator()(int64_t m, int64_t d) const {
-    return double(load_float(dy, m * D + d)) * ((load_float(x, m * D + d) - mean[d]) * invstd[d]);
+  template <int W>
+  FLASHMOE_HD void operator()(int64_t m, int64_t d0, double (&a)[W], double (&b)[W]) const {
+    const Lanes<W, T> xs = load_lanes<W>(x, m * D + d0), dys = load_lanes<W>(dy, m * D + d0);
+    const Lanes<W, float> mu = load_lanes<W>(mean, d0), is = load_lanes<W>(invstd, d0);
+    for (int k = 0; k < W; ++k) {
+      a[k] = load_float(dys.v, k);
+      b[k] = a[k] * ((load_float(xs.v, k) - mu.v[k]) * is.v[k]);
+    }
   }
 };
+
+// GPU partial sums: a block covers kStatPacks packs of W features and one chunk of rows,
+// read by kStatRowLanes row lanes; the lanes' sums are added in lane order and the
+// chunks' by column_finish_kernel, in chunk order. Row [2D] of each chunk counts its rows.
+constexpr int kStatPacks = 32, kStatRowLanes = 8, kStatRowsPerThread = 8;
+
+inline int statistic_chunks(int64_t M) {
+  const int64_t rows = int64_t(kStatRowLanes) * kStatRowsPerThread;
+  return static_cast<int>(std::clamp<int64_t>((M + rows - 1) / rows, 1, 256));
+}
+
+template <int W, class Terms>
+__global__ void __launch_bounds__(kStatPacks* kStatRowLanes)
+    batchnorm_partial_kernel(Terms terms, int64_t M, int64_t D, int chunks, double* partial) {
+  __shared__ double cell[kStatRowLanes][2][kStatPacks * W];
+  const int64_t d0 = (blockIdx.x * int64_t(kStatPacks) + threadIdx.x) * W;
+  const int64_t rows_per_chunk = (M + chunks - 1) / chunks;
+  const int64_t begin = blockIdx.y * rows_per_chunk, end = std::min(begin + rows_per_chunk, M);
+  double a_sum[W] = {}, b_sum[W] = {};
+  if (d0 < D) {
+#pragma unroll 4
+    for (int64_t m = begin + threadIdx.y; m < end; m += kStatRowLanes) {
+      double a[W], b[W];
+      terms.template operator()<W>(m, d0, a, b);
+      for (int k = 0; k < W; ++k) {
+        a_sum[k] += a[k];
+        b_sum[k] += b[k];
+      }
+    }
+  }
+  for (int k = 0; k < W; ++k) {
+    cell[threadIdx.y][0][threadIdx.x * W + k] = a_sum[k];
+    cell[threadIdx.y][1][threadIdx.x * W + k] = b_sum[k];
+  }
+  __syncthreads();
+  double* out = partial + blockIdx.y * (2 * D + 1);
+  for (int c = threadIdx.y * kStatPacks + threadIdx.x; c < 2 * kStatPacks * W;
+       c += kStatPacks * kStatRowLanes) {
+    const int which = c / (kStatPacks * W), column = c % (kStatPacks * W);
+    const int64_t d = blockIdx.x * int64_t(kStatPacks) * W + column;
+    if (d >= D) continue;
+    double sum = 0;
+    for (int lane = 0; lane < kStatRowLanes; ++lane) sum += cell[lane][which][column];
+    out[which * D + d] = sum;
+  }
+  if (blockIdx.x == 0 && threadIdx.x == 0 && threadIdx.y == 0) out[2 * D] = double(end - begin);
+}
 
 // Statistics from the global sums; the running statistics move in training only.
 struct BatchnormFinalize {
@@ -238,15 +289,21 @@ struct BatchnormFinalize {
   }
 };
 
+// Each call handles W elements from idx on, all in one row (D is a multiple of W).
 template <class T>
 struct BatchnormApply {
   const T* x;
   const float *mean, *invstd;
   int64_t D;
   T* y;
+  template <int W>
   FLASHMOE_HD void operator()(int64_t idx) const {
     const int64_t d = idx % D;
-    store_float(y, idx, (load_float(x, idx) - mean[d]) * invstd[d]);
+    const Lanes<W, T> in = load_lanes<W>(x, idx);
+    const Lanes<W, float> mu = load_lanes<W>(mean, d), is = load_lanes<W>(invstd, d);
+    Lanes<W, T> out;
+    for (int k = 0; k < W; ++k) store_float(out.v, k, (load_float(in.v, k) - mu.v[k]) * is.v[k]);
+    store_lanes(y, idx, out);
   }
 };
 
@@ -258,36 +315,74 @@ struct BatchnormBackward {
   bool training;
   int64_t D;
   T* dx;
+  template <int W>
   FLASHMOE_HD void operator()(int64_t idx) const {
     const int64_t d = idx % D;
-    float g = load_float(dy, idx);
+    const Lanes<W, T> xs = load_lanes<W>(x, idx), dys = load_lanes<W>(dy, idx);
+    const Lanes<W, float> mu = load_lanes<W>(mean, d), is = load_lanes<W>(invstd, d);
+    Lanes<W, double> sum_dy{}, sum_dy_xhat{};
+    double inv_n = 0;
     if (training) {
-      const double n = sums[2 * D];
-      const float xhat = (load_float(x, idx) - mean[d]) * invstd[d];
-      g -= static_cast<float>(sums[d] / n) + xhat * static_cast<float>(sums[D + d] / n);
+      inv_n = 1.0 / sums[2 * D];
+      sum_dy = load_lanes<W>(sums, d);
+      sum_dy_xhat = load_lanes<W>(sums, D + d);
     }
-    store_float(dx, idx, g * invstd[d]);
-  }
-};
-
-// Columns [0, D) are a, [D, 2D) are b and column 2D is 1, so that one pass over the
-// rows gives sum a, sum b and the row count M (exact in fp64).
-template <class A, class B>
-struct StatisticColumns {
-  A a;
-  B b;
-  int64_t D;
-  FLASHMOE_HD double operator()(int64_t m, int64_t c) const {
-    return c < D ? a(m, c) : (c < 2 * D ? b(m, c - D) : 1.0);
+    Lanes<W, T> out;
+    for (int k = 0; k < W; ++k) {
+      float g = load_float(dys.v, k);
+      if (training) {
+        const float xhat = (load_float(xs.v, k) - mu.v[k]) * is.v[k];
+        g -= static_cast<float>(sum_dy.v[k] * inv_n) +
+             xhat * static_cast<float>(sum_dy_xhat.v[k] * inv_n);
+      }
+      store_float(out.v, k, g * is.v[k]);
+    }
+    store_lanes(dx, idx, out);
   }
 };
 
 // bn.sums = [sum a (D), sum b (D), M] over this rank's rows; then the hook sums ranks.
-template <class A, class B>
-void partial_sums(BatchNorm& bn, Device device, A a, B b, int64_t M, int64_t D) {
+template <class Terms>
+void partial_sums(BatchNorm& bn, Device device, Terms terms, int64_t M, int64_t D,
+                  std::initializer_list<const void*> pointers) {
   ensure(bn.sums, {2 * D + 1}, DType::f64, device);
-  column_sum<double>(device, StatisticColumns<A, B>{a, b, D}, M, 2 * D + 1, bn.sums.data<double>(),
-                     bn.workspace);
+  double* sums = bn.sums.data<double>();
+  if (device == Device::cpu) {
+    std::fill(sums, sums + 2 * D + 1, 0.0);
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t d = 0; d < D; ++d) {
+        double a[1], b[1];
+        terms.template operator()<1>(m, d, a, b);
+        sums[d] += a[0];
+        sums[D + d] += b[0];
+      }
+    }
+    sums[2 * D] = static_cast<double>(M);
+  } else {
+    const int chunks = statistic_chunks(M);
+    const int64_t bytes = int64_t(chunks) * (2 * D + 1) * sizeof(double);
+    if (!bn.workspace.defined() || int64_t(bn.workspace.nbytes()) < bytes) {
+      bn.workspace = Tensor::empty({bytes / 8}, DType::f64, Device::cuda);
+    }
+    double* partial = bn.workspace.data<double>();
+    bool packed = D % kPack == 0;
+    for (const void* p : pointers) packed = packed && reinterpret_cast<uintptr_t>(p) % 16 == 0;
+    const int W = packed ? kPack : 1;
+    const dim3 grid(static_cast<unsigned>((D / W + kStatPacks - 1) / kStatPacks),
+                    static_cast<unsigned>(chunks));
+    const dim3 block(kStatPacks, kStatRowLanes);
+    if (packed) {
+      batchnorm_partial_kernel<kPack>
+          <<<grid, block, 0, current_stream()>>>(terms, M, D, chunks, partial);
+    } else {
+      batchnorm_partial_kernel<1>
+          <<<grid, block, 0, current_stream()>>>(terms, M, D, chunks, partial);
+    }
+    CUDA_CHECK_LAUNCH("batchnorm_partial_kernel");
+    column_finish_kernel<<<static_cast<unsigned>((2 * D + 1 + 255) / 256), 256, 0,
+                           current_stream()>>>(partial, 2 * D + 1, chunks, sums);
+    CUDA_CHECK_LAUNCH("column_finish_kernel");
+  }
   if (bn.sync) bn.sync(bn.sums);
 }
 
@@ -296,7 +391,7 @@ void batchnorm_forward_typed(BatchNorm& bn, const Tensor& x, bool training, Tens
                              BatchNormSaved& saved) {
   const int64_t M = x.size(0), D = x.size(1);
   const Device device = x.device();
-  if (training) partial_sums(bn, device, Value<T>{x.data<T>(), D}, Square<T>{x.data<T>(), D}, M, D);
+  if (training) partial_sums(bn, device, ForwardTerms<T>{x.data<T>(), D}, M, D, {x.raw()});
   const double* sums = training ? bn.sums.data<double>() : nullptr;
   float *mean = saved.mean.data<float>(), *invstd = saved.invstd.data<float>();
   for_each_index(
@@ -304,8 +399,8 @@ void batchnorm_forward_typed(BatchNorm& bn, const Tensor& x, bool training, Tens
       BatchnormFinalize{sums, D, training, bn.momentum, bn.eps, bn.running_mean.data<float>(),
                         bn.running_var.data<float>(), mean, invstd},
       "batchnorm_finalize");
-  for_each_index(device, M * D, BatchnormApply<T>{x.data<T>(), mean, invstd, D, y.data<T>()},
-                 "batchnorm_apply");
+  for_each_pack(device, M * D, D, BatchnormApply<T>{x.data<T>(), mean, invstd, D, y.data<T>()},
+                "batchnorm_apply", {x.raw(), y.raw(), mean, invstd});
 }
 
 template <class T>
@@ -315,14 +410,14 @@ void batchnorm_backward_typed(BatchNorm& bn, const Tensor& x, const BatchNormSav
   const Device device = x.device();
   const float *mean = saved.mean.data<float>(), *invstd = saved.invstd.data<float>();
   if (saved.training) {
-    partial_sums(bn, device, Value<T>{dy.data<T>(), D},
-                 DyTimesXhat<T>{x.data<T>(), dy.data<T>(), mean, invstd, D}, M, D);
+    partial_sums(bn, device, BackwardTerms<T>{x.data<T>(), dy.data<T>(), mean, invstd, D}, M, D,
+                 {x.raw(), dy.raw(), mean, invstd});
   }
   const double* sums = saved.training ? bn.sums.data<double>() : nullptr;
-  for_each_index(device, M * D,
-                 BatchnormBackward<T>{x.data<T>(), dy.data<T>(), mean, invstd, sums, saved.training,
-                                      D, dx.data<T>()},
-                 "batchnorm_backward");
+  for_each_pack(device, M * D, D,
+                BatchnormBackward<T>{x.data<T>(), dy.data<T>(), mean, invstd, sums, saved.training,
+                                     D, dx.data<T>()},
+                "batchnorm_backward", {x.raw(), dy.raw(), dx.raw(), mean, invstd, sums});
 }
 
 void check_running(const BatchNorm& bn, const Tensor& x) {

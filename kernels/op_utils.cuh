@@ -2,6 +2,11 @@
 //   for_each_index(device, n, op, name): op(i) for every i < n, as a loop on the CPU
 //       or a grid-stride kernel on the current stream. `op` is a small copyable
 //       functor with a FLASHMOE_HD call operator, so one body serves both backends.
+//   for_each_pack(device, n, row_width, op, name, pointers): op.template operator()<W>(i)
+//       for i = 0, W, 2W, ... < n, where op handles elements [i, i + W) (load_lanes,
+//       store_lanes). W = kPack on the GPU when n and row_width are multiples of it
+//       and every pointer is 16-byte aligned (packs never straddle a row), else 1.
+//       Without row_width, the array is one row.
 //   for_each_element(device, rows, width, op, name): op(r, c) for every r < rows and
 //       c < width; on the CPU as nested loops, so that whatever op derives from r alone
 //       is hoisted out of the inner loop.
@@ -10,6 +15,9 @@
 //       one-line error naming the first one that is not (GPU ops handle bad ids
 //       without a host sync instead, see each op).
 #pragma once
+
+#include <cstdint>
+#include <initializer_list>
 
 #include "core/error.h"
 #include "core/tensor.h"
@@ -35,6 +43,43 @@ void for_each_index(Device device, int64_t n, Op op, const char* name) {
   if (n == 0) return;
   for_each_index_kernel<<<grid_for(n, 256), 256, 0, current_stream()>>>(op, n);
   CUDA_CHECK_LAUNCH(name);
+}
+
+template <int W, class Op>
+__global__ void for_each_pack_kernel(Op op, int64_t packs) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < packs;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    op.template operator()<W>(i * W);
+  }
+}
+
+// Elements per pack: 16 bytes of bf16, two 16-byte accesses of fp32.
+constexpr int kPack = 8;
+
+template <class Op>
+void for_each_pack(Device device, int64_t n, int64_t row_width, Op op, const char* name,
+                   std::initializer_list<const void*> pointers) {
+  if (device == Device::cpu) {
+    for (int64_t i = 0; i < n; ++i) op.template operator()<1>(i);
+    return;
+  }
+  if (n == 0) return;
+  bool packed = n % kPack == 0 && row_width % kPack == 0;
+  for (const void* p : pointers) packed = packed && reinterpret_cast<uintptr_t>(p) % 16 == 0;
+  if (packed) {
+    for_each_pack_kernel<kPack>
+        <<<grid_for(n / kPack, 256), 256, 0, current_stream()>>>(op, n / kPack);
+  } else {
+    for_each_pack_kernel<1><<<grid_for(n, 256), 256, 0, current_stream()>>>(op, n);
+  }
+  CUDA_CHECK_LAUNCH(name);
+}
+
+// The same over a flat array: packs need only n to be a multiple of kPack.
+template <class Op>
+void for_each_pack(Device device, int64_t n, Op op, const char* name,
+                   std::initializer_list<const void*> pointers) {
+  for_each_pack(device, n, n, op, name, pointers);
 }
 
 template <class Op>

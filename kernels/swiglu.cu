@@ -4,17 +4,24 @@
 namespace flashmoe {
 
 namespace {
-// Row m of gate_up holds [gate(I) | up(I)]; one (m, i) per call, on either backend.
+// Row m of gate_up holds [gate(I) | up(I)]. Each call handles the W elements of hidden
+// from e = m * I + i on (I is a multiple of W, so they stay in row m).
 template <class T>
 struct SwigluForward {
   const T* gate_up;
   T* hidden;
   int64_t I;
   Activation act;
-  FLASHMOE_HD void operator()(int64_t m, int64_t i) const {
-    const float gate = load_float(gate_up, m * 2 * I + i),
-                up = load_float(gate_up, m * 2 * I + I + i);
-    store_float(hidden, m * I + i, activate(act, gate) * up);
+  template <int W>
+  FLASHMOE_HD void operator()(int64_t e) const {
+    const int64_t m = e / I, i = e % I;
+    const Lanes<W, T> gate = load_lanes<W>(gate_up, m * 2 * I + i),
+                      up = load_lanes<W>(gate_up, m * 2 * I + I + i);
+    Lanes<W, T> h;
+    for (int k = 0; k < W; ++k) {
+      store_float(h.v, k, activate(act, load_float(gate.v, k)) * load_float(up.v, k));
+    }
+    store_lanes(hidden, e, h);
   }
 };
 
@@ -25,12 +32,20 @@ struct SwigluBackward {
   T* dgate_up;
   int64_t I;
   Activation act;
-  FLASHMOE_HD void operator()(int64_t m, int64_t i) const {
-    const float gate = load_float(gate_up, m * 2 * I + i),
-                up = load_float(gate_up, m * 2 * I + I + i);
-    const float dh = load_float(dhidden, m * I + i);
-    store_float(dgate_up, m * 2 * I + i, dh * up * activate_grad(act, gate));
-    store_float(dgate_up, m * 2 * I + I + i, dh * activate(act, gate));
+  template <int W>
+  FLASHMOE_HD void operator()(int64_t e) const {
+    const int64_t m = e / I, i = e % I;
+    const Lanes<W, T> gate = load_lanes<W>(gate_up, m * 2 * I + i),
+                      up = load_lanes<W>(gate_up, m * 2 * I + I + i),
+                      dh = load_lanes<W>(dhidden, e);
+    Lanes<W, T> dgate, dup;
+    for (int k = 0; k < W; ++k) {
+      const float g = load_float(gate.v, k), d = load_float(dh.v, k);
+      store_float(dgate.v, k, d * load_float(up.v, k) * activate_grad(act, g));
+      store_float(dup.v, k, d * activate(act, g));
+    }
+    store_lanes(dgate_up, m * 2 * I + i, dgate);
+    store_lanes(dgate_up, m * 2 * I + I + i, dup);
   }
 };
 
@@ -46,9 +61,9 @@ void swiglu_forward(const Tensor& gate_up, Activation act, Tensor& hidden) {
   const int64_t M = gate_up.size(0), I = gate_up.size(1) / 2;
   ensure(hidden, {M, I}, gate_up.dtype(), gate_up.device());
   with_storage_type(gate_up.dtype(), [&]<class T>() {
-    for_each_element(gate_up.device(), M, I,
-                     SwigluForward<T>{gate_up.data<T>(), hidden.data<T>(), I, act},
-                     "swiglu_forward");
+    for_each_pack(gate_up.device(), M * I, I,
+                  SwigluForward<T>{gate_up.data<T>(), hidden.data<T>(), I, act}, "swiglu_forward",
+                  {gate_up.raw(), hidden.raw()});
   });
 }
 
@@ -61,10 +76,10 @@ void swiglu_backward(const Tensor& gate_up, const Tensor& dhidden, Activation ac
   expect_device(dhidden, gate_up.device(), "dhidden");
   ensure(dgate_up, gate_up.shape(), gate_up.dtype(), gate_up.device());
   with_storage_type(gate_up.dtype(), [&]<class T>() {
-    for_each_element(
-        gate_up.device(), M, I,
+    for_each_pack(
+        gate_up.device(), M * I, I,
         SwigluBackward<T>{gate_up.data<T>(), dhidden.data<T>(), dgate_up.data<T>(), I, act},
-        "swiglu_backward");
+        "swiglu_backward", {gate_up.raw(), dhidden.raw(), dgate_up.raw()});
   });
 }
 

@@ -1,0 +1,131 @@
+// Element-wise ops and the batch norm on the GPU against the same ops on the CPU, over
+// shapes that take both the packed (8 elements per access) and the element-wise
+// path: widths that are and are not multiples of 8, odd row counts, and row views
+// whose data is not 16-byte aligned. Outputs start poisoned (NaN bytes), so an
+// element the GPU leaves unwritten fails the comparison.
+#include <gtest/gtest.h>
+
+#include "core/philox.h"
+#include "kernels/elementwise.h"
+#include "kernels/norm.h"
+#include "kernels/swiglu.h"
+#include "tests/test_util.h"
+
+namespace flashmoe {
+namespace {
+
+using test::relative_error;
+
+struct Shape2 {
+  int64_t M, D;
+};
+const Shape2 kShapes[] = {{1, 1}, {7, 13}, {33, 40}, {5, 8}, {1000, 1024}, {4097, 96}, {3, 2056}};
+
+Tensor random_tensor(int64_t M, int64_t D, DType dtype, Device device, uint64_t seed) {
+  std::vector<float> v(M * D);
+  for (size_t i = 0; i < v.size(); ++i) v[i] = philox_uniform(seed, 7, i, -2.0f, 3.0f);
+  return Tensor::from_floats(v, {M, D}, dtype, device);
+}
+
+Tensor poisoned(Shape shape, DType dtype) {
+  Tensor t = Tensor::empty(std::move(shape), dtype, Device::cuda);
+  t.fill_bytes(0xff);  // NaN in fp32 and bf16
+  return t;
+}
+
+// fp32 results may differ from the CPU's by contraction and libm ulps; bf16 by one
+// rounding of the stored value.
+double tolerance(DType dtype) { return dtype == DType::f32 ? 1e-6 : 1e-2; }
+
+class OpsGpu : public testing::TestWithParam<DType> {};
+
+TEST_P(OpsGpu, SwigluMatchesCpu) {
+  FLASHMOE_REQUIRE_GPU();
+  const DType dtype = GetParam();
+  for (const Shape2& s : kShapes) {
+    SCOPED_TRACE(testing::Message() << "M=" << s.M << " I=" << s.D);
+    const Tensor gate_up = random_tensor(s.M, 2 * s.D, dtype, Device::cpu, 1),
+                 dhidden = random_tensor(s.M, s.D, dtype, Device::cpu, 2);
+    Tensor hidden, dgate_up;
+    swiglu_forward(gate_up, Activation::silu, hidden);
+    swiglu_backward(gate_up, dhidden, Activation::silu, dgate_up);
+    const Tensor gate_up_gpu = gate_up.to(Device::cuda), dhidden_gpu = dhidden.to(Device::cuda);
+    for (int run = 0; run < 2; ++run) {
+      Tensor hidden_gpu = poisoned({s.M, s.D}, dtype),
+             dgate_up_gpu = poisoned({s.M, 2 * s.D}, dtype);
+      swiglu_forward(gate_up_gpu, Activation::silu, hidden_gpu);
+      swiglu_backward(gate_up_gpu, dhidden_gpu, Activation::silu, dgate_up_gpu);
+      EXPECT_LT(relative_error(hidden_gpu, hidden), tolerance(dtype));
+      EXPECT_LT(relative_error(dgate_up_gpu, dgate_up), tolerance(dtype));
+    }
+  }
+}
+
+TEST_P(OpsGpu, BatchnormMatchesCpuAndRepeats) {
+  FLASHMOE_REQUIRE_GPU();
+  const DType dtype = GetParam();
+  for (const Shape2& s : kShapes) {
+    SCOPED_TRACE(testing::Message() << "M=" << s.M << " D=" << s.D);
+    const Tensor x = random_tensor(s.M, s.D, dtype, Device::cpu, 3),
+                 dy = random_tensor(s.M, s.D, dtype, Device::cpu, 4);
+    auto run = [&](Device device) {
+      BatchNorm bn;
+      bn.running_mean = Tensor::zeros({s.D}, DType::f32, device);
+      bn.running_var = Tensor::empty({s.D}, DType::f32, device);
+      bn.running_var.fill(1.0f);
+      BatchNormSaved saved;
+      Tensor y, dx;
+      if (device == Device::cuda) y = poisoned({s.M, s.D}, dtype), dx = poisoned({s.M, s.D}, dtype);
+      batchnorm_forward(bn, x.to(device), true, y, saved);
+      batchnorm_backward(bn, x.to(device), saved, dy.to(device), dx);
+      return std::vector<Tensor>{y.to(Device::cpu), dx.to(Device::cpu),
+                                 bn.running_mean.to(Device::cpu), bn.running_var.to(Device::cpu)};
+    };
+    const std::vector<Tensor> cpu = run(Device::cpu), gpu = run(Device::cuda),
+                              again = run(Device::cuda);
+    const char* names[] = {"y", "dx", "running_mean", "running_var"};
+    for (size_t i = 0; i < cpu.size(); ++i) {
+      EXPECT_LT(relative_error(gpu[i], cpu[i]), tolerance(dtype)) << names[i];
+      EXPECT_EQ(gpu[i].to_floats(), again[i].to_floats())
+          << names[i] << " is not bitwise repeatable";
+    }
+  }
+}
+
+TEST_P(OpsGpu, AddAndConvertMatchCpuOnUnalignedViews) {
+  FLASHMOE_REQUIRE_GPU();
+  const DType dtype = GetParam();
+  for (const Shape2& s : kShapes) {
+    for (int64_t first_row : {0, 1}) {
+      SCOPED_TRACE(testing::Message() << "M=" << s.M << " D=" << s.D << " from row " << first_row);
+      const Tensor a_full = random_tensor(s.M + 1, s.D, dtype, Device::cpu, 5),
+                   a_full_gpu = a_full.to(Device::cuda),
+                   b = random_tensor(s.M, s.D, dtype, Device::cpu, 6), b_gpu = b.to(Device::cuda);
+      const Tensor a = a_full.rows(first_row, first_row + s.M),
+                   a_gpu = a_full_gpu.rows(first_row, first_row + s.M);
+      Tensor sum, accumulated = Tensor::zeros({s.M, s.D}, DType::f32, Device::cpu),
+                  converted = Tensor::empty({s.M, s.D}, DType::f32, Device::cpu);
+      add(a, b, sum);
+      add_into(a, accumulated);
+      convert(a, converted);
+      Tensor sum_gpu = poisoned({s.M, s.D}, dtype),
+             converted_gpu = poisoned({s.M, s.D}, DType::f32),
+             accumulated_gpu = Tensor::zeros({s.M, s.D}, DType::f32, Device::cuda);
+      add(a_gpu, b_gpu, sum_gpu);
+      add_into(a_gpu, accumulated_gpu);
+      convert(a_gpu, converted_gpu);
+      // Additions and conversions round identically on both backends.
+      EXPECT_EQ(sum_gpu.to_floats(), sum.to_floats());
+      EXPECT_EQ(accumulated_gpu.to_floats(), accumulated.to_floats());
+      EXPECT_EQ(converted_gpu.to_floats(), converted.to_floats());
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Dtypes, OpsGpu, testing::Values(DType::f32, DType::bf16),
+                         [](const testing::TestParamInfo<DType>& info) {
+                           return std::string(dtype_name(info.param));
+                         });
+
+}  // namespace
+}  // namespace flashmoe
