@@ -3,7 +3,6 @@
 // cached, so a given shape always runs the same algorithm (bitwise repeatable).
 #include <cublasLt.h>
 
-#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -86,11 +85,6 @@ class GemmContext {
     CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.b, cuda_type(g.in), g.trans_b ? g.n : g.k,
                                             g.trans_b ? g.k : g.n, g.ldb));
     CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.c, cuda_type(g.out), g.m, g.n, g.ldc));
-    if (const char* sms = std::getenv("FLASHMOE_GEMM_SMS")) {  // EXPERIMENT, not to land
-      const int32_t target = std::atoi(sms);
-      CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET,
-                                                  &target, sizeof target));
-    }
     set_batch(p.a, batch.count, batch.stride_a);
     set_batch(p.b, batch.count, batch.stride_b);
     set_batch(p.c, batch.count, batch.stride_c);
