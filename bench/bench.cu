@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/bench_util.h"
 #include "core/graph.h"
 #include "core/philox.h"
 #include "core/stream.h"
@@ -39,26 +40,6 @@ struct Result {
   double peak_gib = 0;  // peak device memory of the case, 0 where not measured
 };
 
-// Median of `reps` event-timed runs of fn(rep), after `warmup` untimed ones.
-double time_median_ms(const std::function<void(int)>& fn, int reps, int warmup = 5) {
-  for (int i = 0; i < warmup; ++i) fn(i);
-  cudaEvent_t start, stop;
-  CUDA_CHECK(cudaEventCreate(&start));
-  CUDA_CHECK(cudaEventCreate(&stop));
-  std::vector<float> times(reps);
-  for (int i = 0; i < reps; ++i) {
-    CUDA_CHECK(cudaEventRecord(start, current_stream()));
-    fn(i);
-    CUDA_CHECK(cudaEventRecord(stop, current_stream()));
-    CUDA_CHECK(cudaEventSynchronize(stop));
-    CUDA_CHECK(cudaEventElapsedTime(&times[i], start, stop));
-  }
-  CUDA_CHECK(cudaEventDestroy(start));
-  CUDA_CHECK(cudaEventDestroy(stop));
-  std::nth_element(times.begin(), times.begin() + reps / 2, times.end());
-  return times[reps / 2];
-}
-
 // Device-to-device copy of 1 GiB; counts bytes read plus bytes written.
 double copy_bandwidth_gbs() {
   const size_t bytes = size_t(1) << 30;
@@ -72,14 +53,6 @@ double copy_bandwidth_gbs() {
       },
       20);
   return 2.0 * bytes / (ms * 1e-3) / 1e9;
-}
-
-Tensor random_tensor(Shape shape, DType dtype, uint64_t seed, float scale) {
-  int64_t n = 1;
-  for (int64_t d : shape) n *= d;
-  std::vector<float> values(n);
-  for (int64_t i = 0; i < n; ++i) values[i] = philox_uniform(seed, 0, i, -scale, scale);
-  return Tensor::from_floats(values, std::move(shape), dtype, Device::cuda);
 }
 
 // Enough input sets that together they exceed the L2 cache twice, at most 8.

@@ -30,6 +30,13 @@ class Communicator {
   // Counts are rows of the tensors' trailing shape.
   virtual void all_to_all(const Tensor& send, const std::vector<int64_t>& send_counts, Tensor& recv,
                           const std::vector<int64_t>& recv_counts) = 0;
+  // recv [P n, ...] = every rank's send [n, ...], in rank order (any dtype; every rank
+  // sends as many rows).
+  virtual void all_gather(const Tensor& send, Tensor& recv) = 0;
+  // recv [n, ...] = the sum over ranks of their send rows [rank n, (rank + 1) n), of
+  // send [P n, ...] (fp32, bf16 or fp64). The order of the sum is fixed for a world
+  // size: rank order on MPI, NCCL's ring order on NCCL.
+  virtual void reduce_scatter_sum(const Tensor& send, Tensor& recv) = 0;
   virtual void barrier() = 0;
 };
 
@@ -42,6 +49,11 @@ struct AllToAllLayout {
 AllToAllLayout all_to_all_layout(const Tensor& send, const std::vector<int64_t>& send_counts,
                                  const Tensor& recv, const std::vector<int64_t>& recv_counts,
                                  int world_size);
+
+// Checks that `whole` holds world_size blocks like `part` (same dtype and trailing
+// shape, world_size times the rows) and returns the bytes of one block.
+int64_t gathered_block_bytes(const Tensor& part, const Tensor& whole, int world_size,
+                             const char* op);
 
 // The single-rank communicator: every collective is the identity.
 std::unique_ptr<Communicator> make_local_communicator();

@@ -1,41 +1,61 @@
-// The device side of the expert-parallel dispatch (parallel/expert_parallel.h).
-#include "core/stream.h"
+// The routing's packing for the expert-parallel dispatch (parallel/expert_parallel.h),
+// one body for the CPU and the GPU.
+#include "core/bf16.h"
+#include "kernels/op_utils.cuh"
 #include "parallel/expert_parallel.h"
 
 namespace flashmoe::detail {
 
 namespace {
 
-// Pair i = t S + s of `pairs`: for every owner p, entry p pairs + i gets the local id
-// and gate where p owns the expert, else -1 and 0 (also for ids outside [0, P L)).
-__global__ void split_slots_by_owner_kernel(const int32_t* __restrict__ ids,
-                                            const float* __restrict__ gates, int64_t pairs,
-                                            int64_t local_experts, int owners,
-                                            int32_t* __restrict__ owner_ids,
-                                            float* __restrict__ owner_gates) {
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= pairs) return;
-  const int32_t id = ids[i];
-  const float gate = gates[i];
-  const int64_t owner = id >= 0 ? id / local_experts : -1;
-  for (int p = 0; p < owners; ++p) {
-    const bool mine = owner == p;
-    owner_ids[p * pairs + i] = mine ? int32_t(id - p * local_experts) : -1;
-    owner_gates[p * pairs + i] = mine ? gate : 0.0f;
+struct PackRouting {
+  const int32_t* ids;
+  const float* gates;
+  int64_t S;
+  int32_t* routing;
+  FLASHMOE_HD void operator()(int64_t i) const {
+    const int64_t t = i / S, s = i % S;
+    routing[t * 2 * S + s] = ids[i];
+    routing[t * 2 * S + S + s] = static_cast<int32_t>(float_bits(gates[i]));
   }
-}
+};
+
+struct OwnRouting {
+  const int32_t* routing;
+  int64_t S, first_expert, local_experts;
+  int32_t* ids;
+  float* gates;
+  FLASHMOE_HD void operator()(int64_t i) const {
+    const int64_t r = i / S, s = i % S;
+    const int64_t local = int64_t(routing[r * 2 * S + s]) - first_expert;
+    const bool mine = routing[r * 2 * S + s] >= 0 && local >= 0 && local < local_experts;
+    ids[i] = mine ? static_cast<int32_t>(local) : -1;
+    gates[i] = mine ? bits_float(static_cast<uint32_t>(routing[r * 2 * S + S + s])) : 0.0f;
+  }
+};
 
 }  // namespace
 
-void split_slots_by_owner_cuda(const Tensor& ids, const Tensor& gates, int64_t local_experts,
-                               int owners, Tensor& owner_ids, Tensor& owner_gates) {
-  const int64_t pairs = ids.numel();
-  if (pairs == 0) return;
-  const auto blocks = static_cast<unsigned>((pairs + 255) / 256);
-  split_slots_by_owner_kernel<<<blocks, 256, 0, current_stream()>>>(
-      ids.data<int32_t>(), gates.data<float>(), pairs, local_experts, owners,
-      owner_ids.data<int32_t>(), owner_gates.data<float>());
-  CUDA_CHECK_LAUNCH("split_slots_by_owner_kernel");
+void pack_routing(const Tensor& ids, const Tensor& gates, Tensor& routing) {
+  expect_dtype(ids, DType::i32, "expert ids");
+  expect_shape(gates, ids.shape(), "gates");
+  expect_dtype(gates, DType::f32, "gates");
+  const int64_t T = ids.size(0), S = ids.size(1);
+  ensure(routing, {T, 2 * S}, DType::i32, ids.device());
+  for_each_index(ids.device(), T * S,
+                 PackRouting{ids.data<int32_t>(), gates.data<float>(), S, routing.data<int32_t>()},
+                 "pack_routing");
+}
+
+void own_routing(const Tensor& gathered, int64_t first_expert, int64_t local_experts, Tensor& ids,
+                 Tensor& gates) {
+  const int64_t R = gathered.size(0), S = gathered.size(1) / 2;
+  ensure(ids, {R, S}, DType::i32, gathered.device());
+  ensure(gates, {R, S}, DType::f32, gathered.device());
+  for_each_index(gathered.device(), R * S,
+                 OwnRouting{gathered.data<int32_t>(), S, first_expert, local_experts,
+                            ids.data<int32_t>(), gates.data<float>()},
+                 "own_routing");
 }
 
 }  // namespace flashmoe::detail

@@ -2,35 +2,35 @@
 // expert tables are sharded over the P ranks of a Communicator. Rank r owns experts
 // [r E/P, (r + 1) E/P) of both tables.
 //
-// The exchanges have a fixed capacity, so that no count depends on the routing and the
-// plan needs nothing from the host. Forward, on this rank's T tokens routed to S = H*K
-// global expert ids:
-//   dispatch: every owner p (ascending rank) gets one row per token, tokens ascending:
-//             the token's x, and the S slots' local ids and gates where p owns the
-//             slot's expert; the other slots are empty (id -1, gate 0), so they read no
-//             table row and add exact zeros to y and to every gradient. The owner
-//             gathers and sums exactly its (token, expert) pairs (the empty slots
-//             only pass through the backward's sort, as keys after every expert); a
-//             token routed nowhere on an owner costs only its row of traffic. An id
-//             outside [0, E) reaches no owner: its slot is empty everywhere.
+// Every rank has T tokens, each routed to S = H*K global expert ids. With fine-grained
+// experts nearly every token has a slot on every owner (S = 16 slots over P = 4 owners
+// miss an owner with probability (3/4)^16 = 1%), so every token goes to every owner:
+// the exchanges are collectives of fixed size, no count depends on the routing, and
+// nothing needs the host. Forward:
+//   dispatch: an all-gather of x [T, D] and of the routing (ids and gate bits packed
+//             in one int32 [T, 2S]): every owner gets every rank's rows, ranks and
+//             tokens ascending (R = P T rows). The owner keeps the slots whose expert
+//             it owns, as local ids and gates; the other slots are empty (id -1,
+//             gate 0), so they read no table row and add exact zeros to y and to every
+//             gradient (the empty slots only pass through the backward's sort, as keys
+//             after every expert). An id outside [0, E) is empty on every owner.
 //   the owner runs experts_forward on the rows it received (its ExpertRows), and
-//   combine:  returns each row's partial y; the sender sums a token's P partials in
-//             ascending owner rank, so the result is deterministic.
-// Backward mirrors it: dispatch_grad sends each token's dy to every owner, which runs
-// experts_backward (its table gradients are then complete); combine_grad returns the dx
-// and dgates partials and sums them the same way (a slot's dgates is nonzero on its
-// owner only: the other owners' empty slots give exact zeros).
+//   combine:  a reduce-scatter of the partial y [R, D]: each rank gets, for its own
+//             tokens, the sum of the P owners' partials.
+// Backward mirrors it: dispatch_grad all-gathers dy, the owner runs experts_backward
+// (its table gradients are then complete), and combine_grad reduce-scatters the dx and
+// dgates partials (a slot's dgates is nonzero on its owner only).
 //
-// The row counts follow from the ranks' token counts alone. These are exchanged (one
-// host synchronisation) only when this rank's T changes: every rank's T changes on the
-// same call (the data loader gives every rank as many tokens). Otherwise the four
-// steps only queue device work and communication on the current stream, so a warmed-up
-// layer can be captured in a CUDA graph. Every rank calls the four steps together and
-// in order (they are collectives).
+// The sums' order is fixed for a world size (Communicator::reduce_scatter_sum), so
+// results repeat bit for bit. Every rank must hold as many tokens; the ranks' counts
+// are compared (one host synchronisation) only when this rank's T changes (every rank
+// changes on the same call: the data loader gives every rank as many tokens).
+// Otherwise the four steps only queue device work and communication on the current
+// stream, so a warmed-up layer can be captured in a CUDA graph. Every rank calls the
+// four steps together and in order (they are collectives).
 #pragma once
 
 #include <cstdint>
-#include <vector>
 
 #include "core/tensor.h"
 #include "parallel/communicator.h"
@@ -62,30 +62,29 @@ class ExpertExchange {
                     Tensor& dgates);
 
  private:
-  // Sets the counts for T tokens on this rank: T rows to every owner, and from every
-  // sender its token count (exchanged when T changes).
-  void set_tokens(int64_t tokens);
-  // rows [T, ...] -> send_rows_ [P T, ...]: a copy for every owner.
-  void copy_to_every_owner(const Tensor& rows);
-  void send_to_owners(const Tensor& send, Tensor& recv);
-  // The owned rows' partials [R, ...] -> out [T, ...]: the sum over owners, ascending.
-  void return_and_sum(const Tensor& partials, Tensor& returned, Tensor& out);
+  // Checks, when T changes, that every rank holds T tokens.
+  void check_tokens(int64_t tokens, Device device);
+  // send [T, ...] -> recv [P T, ...], every rank's rows.
+  void gather(const Tensor& send, Tensor& recv);
+  // partials [P T, ...] -> out [T, ...], summed over the owners.
+  void scatter_sum(const Tensor& partials, Tensor& out);
 
   Communicator& comm_;
   int64_t first_expert_, local_experts_;
-  Device device_ = Device::cpu;
   int64_t tokens_ = -1;
-  std::vector<int64_t> send_counts_, recv_counts_;
   ExpertRows owned_;
   // Reused buffers.
-  Tensor send_rows_, send_ids_, send_gates_, owned_dy_, returned_, returned_dgates_;
+  Tensor routing_, gathered_routing_, owned_dy_;
 };
 
 namespace detail {
-// owner_ids, owner_gates [P T, S]: row p T + t holds token t's slots owned by p, as
-// local ids and gates, and -1 and 0 elsewhere (device tensors).
-void split_slots_by_owner_cuda(const Tensor& ids, const Tensor& gates, int64_t local_experts,
-                               int owners, Tensor& owner_ids, Tensor& owner_gates);
+// routing [T, 2S] int32: row t = token t's S ids, then its S gates' bits.
+void pack_routing(const Tensor& ids, const Tensor& gates, Tensor& routing);
+// gathered [R, 2S] -> ids, gates [R, S]: local ids in [0, local_experts) and gates of
+// the slots whose expert is in [first_expert, first_expert + local_experts), -1 and 0
+// for the others.
+void own_routing(const Tensor& gathered, int64_t first_expert, int64_t local_experts, Tensor& ids,
+                 Tensor& gates);
 }  // namespace detail
 
 }  // namespace flashmoe

@@ -49,6 +49,20 @@ AllToAllLayout all_to_all_layout(const Tensor& send, const std::vector<int64_t>&
   return layout;
 }
 
+int64_t gathered_block_bytes(const Tensor& part, const Tensor& whole, int world_size,
+                             const char* op) {
+  FLASHMOE_CHECK(part.rank() >= 1 && whole.rank() == part.rank(),
+                 op << " buffers have shapes " << shape_string(part.shape()) << " and "
+                    << shape_string(whole.shape()) << ", expected rows [n, ...] and [P n, ...]");
+  Shape expected = part.shape();
+  expected[0] *= world_size;
+  FLASHMOE_CHECK(whole.shape() == expected && whole.dtype() == part.dtype(),
+                 op << " gathered buffer is " << dtype_name(whole.dtype()) << " "
+                    << shape_string(whole.shape()) << ", expected " << dtype_name(part.dtype())
+                    << " " << shape_string(expected) << " for " << world_size << " ranks");
+  return static_cast<int64_t>(part.nbytes());
+}
+
 namespace {
 class LocalCommunicator final : public Communicator {
  public:
@@ -65,6 +79,14 @@ class LocalCommunicator final : public Communicator {
                                                          << send_counts[0] << " rows and receives "
                                                          << recv_counts[0] << ", expected equal");
     recv.rows(0, recv_counts[0]).copy_from(send.rows(0, send_counts[0]));
+  }
+  void all_gather(const Tensor& send, Tensor& recv) override {
+    gathered_block_bytes(send, recv, 1, "all_gather");
+    recv.copy_from(send);
+  }
+  void reduce_scatter_sum(const Tensor& send, Tensor& recv) override {
+    gathered_block_bytes(recv, send, 1, "reduce_scatter");
+    recv.copy_from(send);
   }
   void barrier() override {}
 };

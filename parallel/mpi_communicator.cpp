@@ -1,7 +1,12 @@
 #include "parallel/mpi_communicator.h"
 
+#include <cuda_runtime.h>
+
+#include <cstdlib>
 #include <cstring>
 #include <vector>
+
+#include "kernels/elementwise.h"
 
 namespace flashmoe {
 
@@ -81,6 +86,28 @@ class MpiCommunicator final : public Communicator {
                             rcounts.data(), rdispls.data(), MPI_BYTE, comm_));
   }
 
+  void all_gather(const Tensor& send, Tensor& recv) override {
+    expect_device(send, Device::cpu, "MPI all_gather send buffer");
+    expect_device(recv, Device::cpu, "MPI all_gather receive buffer");
+    const int bytes =
+        to_int(gathered_block_bytes(send, recv, size_, "all_gather"), "all_gather bytes");
+    MPI_CHECK(MPI_Allgather(send.raw(), bytes, MPI_BYTE, recv.raw(), bytes, MPI_BYTE, comm_));
+  }
+
+  // Every rank's block for this rank, then their sum in rank order (rounded to the
+  // storage type after each addition).
+  void reduce_scatter_sum(const Tensor& send, Tensor& recv) override {
+    expect_device(send, Device::cpu, "MPI reduce_scatter send buffer");
+    expect_device(recv, Device::cpu, "MPI reduce_scatter receive buffer");
+    const int bytes =
+        to_int(gathered_block_bytes(recv, send, size_, "reduce_scatter"), "reduce_scatter bytes");
+    Tensor blocks = Tensor::empty(send.shape(), send.dtype(), Device::cpu);
+    MPI_CHECK(MPI_Alltoall(send.raw(), bytes, MPI_BYTE, blocks.raw(), bytes, MPI_BYTE, comm_));
+    const int64_t n = recv.size(0);
+    recv.copy_from(blocks.rows(0, n));
+    for (int p = 1; p < size_; ++p) add_into(blocks.rows(p * n, (p + 1) * n), recv);
+  }
+
   void barrier() override { MPI_CHECK(MPI_Barrier(comm_)); }
 
  private:
@@ -104,6 +131,17 @@ class MpiCommunicator final : public Communicator {
 
 std::unique_ptr<Communicator> make_mpi_communicator(MPI_Comm comm) {
   return std::make_unique<MpiCommunicator>(comm);
+}
+
+void select_rank_device(int world_rank) {
+  const char* local = std::getenv("OMPI_COMM_WORLD_LOCAL_RANK");
+  int count = 0;
+  CUDA_CHECK(cudaGetDeviceCount(&count));
+  const int local_rank = local ? std::atoi(local) : world_rank;
+  FLASHMOE_CHECK(local_rank < count, "rank " << world_rank << " needs GPU " << local_rank
+                                             << ", expected fewer ranks per node than the " << count
+                                             << " GPUs");
+  CUDA_CHECK(cudaSetDevice(local_rank));
 }
 
 }  // namespace flashmoe

@@ -29,6 +29,10 @@ class MpiSession {
   int rank_ = 0, size_ = 1;
 };
 
+// One GPU per rank: the rank's index among the ranks of its node
+// (OMPI_COMM_WORLD_LOCAL_RANK, else the world rank) selects the device.
+void select_rank_device(int world_rank);
+
 std::unique_ptr<Communicator> make_mpi_communicator(MPI_Comm comm);
 // One GPU per rank: the caller selects the device (cudaSetDevice) first.
 std::unique_ptr<Communicator> make_nccl_communicator(MPI_Comm comm);

@@ -68,6 +68,21 @@ class NcclCommunicator final : public Communicator {
     NCCL_CHECK(ncclGroupEnd());
   }
 
+  void all_gather(const Tensor& send, Tensor& recv) override {
+    expect_device(send, Device::cuda, "NCCL all_gather send buffer");
+    expect_device(recv, Device::cuda, "NCCL all_gather receive buffer");
+    const int64_t bytes = gathered_block_bytes(send, recv, size_, "all_gather");
+    NCCL_CHECK(ncclAllGather(send.raw(), recv.raw(), bytes, ncclUint8, comm_, current_stream()));
+  }
+
+  void reduce_scatter_sum(const Tensor& send, Tensor& recv) override {
+    expect_device(send, Device::cuda, "NCCL reduce_scatter send buffer");
+    expect_device(recv, Device::cuda, "NCCL reduce_scatter receive buffer");
+    gathered_block_bytes(recv, send, size_, "reduce_scatter");
+    NCCL_CHECK(ncclReduceScatter(send.raw(), recv.raw(), recv.numel(), nccl_type(recv.dtype()),
+                                 ncclSum, comm_, current_stream()));
+  }
+
   void barrier() override {
     // An all-reduce of one element orders every rank's stream, then the host waits.
     if (!barrier_flag_.defined()) barrier_flag_ = Tensor::zeros({1}, DType::f32, Device::cuda);

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a machine with several GPUs: the expert-parallel tests over NCCL (one rank per
-# GPU) and the weak-scaling run: the smoke model with 16384 tokens per GPU on
-# 1, 2, ... GPUs (configs/smoke.yaml, ep2.yaml, ep4.yaml). Logs go to $OUT.
+# GPU), the weak-scaling run (the smoke model with 16384 tokens per GPU on 1, 2, 4
+# GPUs: configs/smoke.yaml, ep2.yaml, ep4.yaml) and flashmoe-bench-ep (the layer and
+# its exchanges against a plain all-to-all). Logs go to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/flashmoe-multi}
@@ -10,7 +11,7 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 NCCL_NVLS_ENABL
 gpus=$(nvidia-smi -L | wc -l)
 nvidia-smi --query-gpu=name --format=csv,noheader | sort | uniq -c
 cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 >/dev/null
-cmake --build build-gpu -j "$(nproc)" --target flashmoe-train flashmoe-tests-mpi 2>&1 | grep -E "\berror\b"
+cmake --build build-gpu -j "$(nproc)" --target flashmoe-train flashmoe-tests-mpi flashmoe-bench-ep 2>&1 | grep -E "\berror\b"
 mpi="mpirun --allow-run-as-root --oversubscribe -x NCCL_NVLS_ENABLE -x OMPI_ALLOW_RUN_AS_ROOT -x OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"
 for p in 2 4; do
   [ "$p" -le "$gpus" ] || continue
@@ -27,3 +28,7 @@ train() {  # ranks config
 train 1 smoke
 [ "$gpus" -ge 2 ] && train 2 ep2
 [ "$gpus" -ge 4 ] && train 4 ep4
+for p in 2 4; do
+  [ "$p" -le "$gpus" ] || continue
+  timeout 240 $mpi -np "$p" ./build-gpu/flashmoe-bench-ep 2>&1 | tee "$out/bench-ep-np$p.md"
+done

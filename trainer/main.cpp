@@ -7,7 +7,6 @@
 
 #include <csignal>
 #include <cstdio>
-#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -44,18 +43,6 @@ Arguments parse_arguments(int argc, char** argv) {
   return args;
 }
 
-// One GPU per rank: the rank's index among the ranks of its node picks the device.
-void select_device(int world_rank) {
-  const char* local = std::getenv("OMPI_COMM_WORLD_LOCAL_RANK");
-  int count = 0;
-  CUDA_CHECK(cudaGetDeviceCount(&count));
-  const int local_rank = local ? std::atoi(local) : world_rank;
-  FLASHMOE_CHECK(local_rank < count, "rank " << world_rank << " needs GPU " << local_rank
-                                             << ", expected fewer ranks per node than the " << count
-                                             << " GPUs");
-  CUDA_CHECK(cudaSetDevice(local_rank));
-}
-
 void on_interrupt(int) { flashmoe::Trainer::request_stop(); }
 
 int run(int argc, char** argv, flashmoe::MpiSession& mpi) {
@@ -67,7 +54,7 @@ int run(int argc, char** argv, flashmoe::MpiSession& mpi) {
     FLASHMOE_CHECK(cuda_available(), args.config_path
                                          << ": train.device is cuda but no CUDA device is "
                                             "available (use train.device: cpu)");
-    select_device(mpi.rank());
+    select_rank_device(mpi.rank());
   }
   std::unique_ptr<Communicator> comm = mpi.size() == 1 ? make_local_communicator()
                                        : config.train.device == Device::cuda

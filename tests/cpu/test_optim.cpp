@@ -280,6 +280,10 @@ class MirroredRankCommunicator final : public Communicator {
                   const std::vector<int64_t>&) override {
     FLASHMOE_FAIL("not used by the optimizer");
   }
+  void all_gather(const Tensor&, Tensor&) override { FLASHMOE_FAIL("not used by the optimizer"); }
+  void reduce_scatter_sum(const Tensor&, Tensor&) override {
+    FLASHMOE_FAIL("not used by the optimizer");
+  }
   void barrier() override { FLASHMOE_FAIL("not used by the optimizer"); }
   int all_reduces = 0;
   int64_t reduced_numel = 0;

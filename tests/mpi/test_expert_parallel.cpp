@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include "parallel/expert_parallel.h"
 #include "parallel/mpi_communicator.h"
 #include "tests/layer_compare.h"
 
@@ -130,6 +131,76 @@ INSTANTIATE_TEST_SUITE_P(
         ShardedCase{{4, 8, 4, 64, 1, 1, Activation::silu, RouterNorm::none, false},
                     "OwnersWithoutRows"}),
     [](const testing::TestParamInfo<ShardedCase>& info) { return std::string(info.param.name); });
+
+// The collectives of the exchange: all_gather puts rank p's rows at block p;
+// reduce_scatter_sum gives rank r the sum over ranks of their block r.
+void expect_gather_and_reduce_scatter(Communicator& comm, Device device) {
+  const int P = comm.size(), r = comm.rank();
+  const int64_t n = 3, width = 5;
+  auto value = [](int rank, int64_t block, int64_t i) {
+    return float(rank * 1000 + block * 100 + i);
+  };
+  std::vector<float> mine(n * width), blocks(P * n * width);
+  for (int64_t i = 0; i < n * width; ++i) mine[i] = value(r, 0, i);
+  for (int p = 0; p < P; ++p) {
+    for (int64_t i = 0; i < n * width; ++i) blocks[p * n * width + i] = value(r, p, i);
+  }
+  for (DType dtype : {DType::f32, DType::bf16}) {
+    SCOPED_TRACE(dtype_name(dtype));
+    auto stored = [&](float v) { return dtype == DType::bf16 ? round_bf16(v) : v; };
+    Tensor gathered = Tensor::empty({P * n, width}, dtype, device);
+    comm.all_gather(Tensor::from_floats(mine, {n, width}, dtype, device), gathered);
+    const std::vector<float> got = gathered.to_floats();
+    for (int p = 0; p < P; ++p) {
+      for (int64_t i = 0; i < n * width; ++i) {
+        ASSERT_EQ(got[p * n * width + i], stored(value(p, 0, i))) << "block " << p;
+      }
+    }
+    Tensor summed = Tensor::empty({n, width}, dtype, device);
+    comm.reduce_scatter_sum(Tensor::from_floats(blocks, {P * n, width}, dtype, device), summed);
+    const std::vector<float> sums = summed.to_floats();
+    for (int64_t i = 0; i < n * width; ++i) {
+      float want = 0;
+      for (int p = 0; p < P; ++p) want += stored(value(p, r, i));
+      EXPECT_NEAR(sums[i], want, dtype == DType::f32 ? 0.0 : 0.01 * want) << "element " << i;
+    }
+    Tensor wrong = Tensor::empty({P * n + 1, width}, dtype, device);
+    EXPECT_THROW(comm.all_gather(Tensor::from_floats(mine, {n, width}, dtype, device), wrong),
+                 Error);
+  }
+}
+
+TEST(Collectives, AllGatherAndReduceScatter) {
+  std::unique_ptr<Communicator> comm = make_mpi_communicator(MPI_COMM_WORLD);
+  expect_gather_and_reduce_scatter(*comm, Device::cpu);
+}
+
+TEST(Collectives, AllGatherAndReduceScatterOnGpus) {
+  FLASHMOE_REQUIRE_GPU();
+  int gpus = 0;
+  CUDA_CHECK(cudaGetDeviceCount(&gpus));
+  std::unique_ptr<Communicator> host = make_mpi_communicator(MPI_COMM_WORLD);
+  if (gpus < host->size()) GTEST_SKIP() << "needs one GPU per rank, " << gpus << " found";
+  expect_gather_and_reduce_scatter(nccl_communicator(), Device::cuda);
+}
+
+// Every rank sees every rank's count, so every rank stops with the same error.
+TEST(ExpertParallelConfig, UnequalTokenCountsAreAnErrorOnEveryRank) {
+  std::unique_ptr<Communicator> comm = make_mpi_communicator(MPI_COMM_WORLD);
+  if (comm->size() == 1) GTEST_SKIP() << "needs more than one rank";
+  ExpertExchange exchange(*comm, 4 * comm->size());
+  const int64_t T = 2 + comm->rank(), S = 2;
+  const Tensor x = Tensor::zeros({T, 4}, DType::f32, Device::cpu);
+  const Tensor ids = Tensor::zeros({T, S}, DType::i32, Device::cpu);
+  const Tensor gates = Tensor::zeros({T, S}, DType::f32, Device::cpu);
+  try {
+    exchange.dispatch(x, ids, gates);
+    FAIL() << "unequal token counts were accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("expected as many on every rank"), std::string::npos)
+        << e.what();
+  }
+}
 
 TEST(ExpertParallelConfig, ExpertsNotDivisibleByRanksAreRefused) {
   std::unique_ptr<Communicator> comm = make_mpi_communicator(MPI_COMM_WORLD);
