@@ -93,12 +93,18 @@ void bench_router(const RouterCase& c, const Options& opt, std::vector<Result>& 
       {c.name, "router bwd", bwd, logit_bytes + out_bytes + c.T * c.H * c.K * 4.0 + dlogit_bytes});
 }
 
+// With owners = P > 1, the load of one owner of 1/P of the experts under expert
+// parallelism: P T rows (every rank's tokens), E / P local experts, and a slot empty
+// (id -1) unless its uniform id over the whole table falls in the owner's shard.
 struct ExpertCase {
   const char* name;
   int64_t T, D, E, S;
+  int owners = 1;
 };
 
-void bench_experts(const ExpertCase& c, const Options& opt, std::vector<Result>& results) {
+void bench_experts(const ExpertCase& whole, const Options& opt, std::vector<Result>& results) {
+  const int64_t local_E = whole.E / whole.owners;
+  const ExpertCase c{whole.name, whole.T * whole.owners, whole.D, local_E, whole.S};
   const double table_bytes = 2.0 * c.E * c.D * 2;
   const int sets = rotation_sets(table_bytes);
   // The tables are the large operand; rotating them keeps L2 honest. The index
@@ -110,7 +116,10 @@ void bench_experts(const ExpertCase& c, const Options& opt, std::vector<Result>&
     in.down_embed = random_tensor({c.E, c.D}, DType::bf16, 300 + s, 0.05f);
     in.up_embed = random_tensor({c.E, c.D}, DType::bf16, 400 + s, 0.05f);
     std::vector<int32_t> ids(c.T * c.S);
-    for (size_t i = 0; i < ids.size(); ++i) ids[i] = philox_u32(500 + s, 0, i) % c.E;
+    for (size_t i = 0; i < ids.size(); ++i) {
+      const int64_t id = philox_u32(500 + s, 0, i) % whole.E;
+      ids[i] = id < local_E ? static_cast<int32_t>(id) : -1;
+    }
     in.ids = Tensor::from_vector(ids, {c.T, c.S}, Device::cuda);
     in.gates = random_tensor({c.T, c.S}, DType::f32, 600 + s, 1.0f);
     in.validate_ids = false;
@@ -122,9 +131,9 @@ void bench_experts(const ExpertCase& c, const Options& opt, std::vector<Result>&
   experts_forward(inputs[0], y, h);
   experts_backward(inputs[0], h, dy, layout, grads);
 
-  const double pairs = double(c.T) * c.S;
-  const double touched = std::min<double>(c.E, pairs);  // rows read at least once
-  const double io = 2.0 * c.T * c.D * 2 + pairs * 12;   // x, y, ids, gates, h
+  const double pairs = double(c.T) * c.S / whole.owners;           // filled ones
+  const double touched = std::min<double>(c.E, pairs);             // rows read at least once
+  const double io = 2.0 * c.T * c.D * 2 + double(c.T) * c.S * 12;  // x, y, ids, gates, h
   const double fwd_bytes = io + 2 * touched * c.D * 2;
   const double grad_rows = layout == GradLayout::dense ? c.E : touched;
   const double bwd_bytes = io + c.T * c.D * 2 * 2 + 2 * touched * c.D * 2 + 2 * grad_rows * c.D * 4;
@@ -253,7 +262,9 @@ int run(int argc, char** argv) {
     if (selected(opt, c.name)) bench_router(c, opt, results);
   }
   const ExpertCase expert_cases[] = {{"quickstart", 4096, 1024, 16384, 64},
-                                     {"peer-1m", 4096, 1024, 1048576, 128}};
+                                     {"peer-1m", 4096, 1024, 1048576, 128},
+                                     {"smoke", 16384, 256, 16384, 16},
+                                     {"smoke-owner-of-4", 16384, 256, 16384, 16, 4}};
   for (const ExpertCase& c : expert_cases) {
     if (selected(opt, c.name)) bench_experts(c, opt, results);
   }

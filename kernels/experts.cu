@@ -27,7 +27,8 @@
 //   5. Segments: each row's range is cut into segments of at most kSegmentPairs (64)
 //      pairs; an empty row is one empty segment. segment_counts_kernel counts each
 //      row's segments and an exclusive scan (CUB) gives every row its first segment,
-//      first partial row and split-row number. Boundaries depend on the ids alone.
+//      first partial row and split-row number, and segment_rows_kernel lists the row
+//      of every segment and of every split row. Boundaries depend on the ids alone.
 //   6. segment_grad_kernel, one block per segment (grid sized by the worst case,
 //      out_rows + pairs / 64; blocks past the last segment leave), sums its pairs in
 //      ascending order: d_down = sum dh x[t], d_up = sum a dy[t] (fp32). A row of one
@@ -262,6 +263,8 @@ void experts_backward_cuda(const ExpertInputs& in, const Tensor& h, const Tensor
   const size_t run_index_at = plan.add<int32_t>(dense ? 0 : s.pairs + 1);
   const size_t segment_counts_at = plan.add<SegmentCounts>(out_rows + 1);
   const size_t segment_offsets_at = plan.add<SegmentCounts>(out_rows + 1);
+  const size_t segment_row_at = plan.add<int32_t>(max_segments);
+  const size_t split_row_at = plan.add<int32_t>(max_split_rows);
   const size_t partial_down_at = plan.add<float>(max_partials * s.dim);
   const size_t partial_up_at = plan.add<float>(max_partials * s.dim);
   const size_t cub_at = plan.add<uint8_t>(
@@ -330,15 +333,20 @@ void experts_backward_cuda(const ExpertInputs& in, const Tensor& h, const Tensor
     CUDA_CHECK(cub::DeviceScan::ExclusiveScan(cub_storage, cub_bytes, segment_counts,
                                               segment_offsets, AddSegmentCounts{},
                                               SegmentCounts{0, 0, 0}, out_rows + 1, stream));
+    int32_t* segment_row = carve<int32_t>(scratch, segment_row_at);
+    int32_t* split_row = carve<int32_t>(scratch, split_row_at);
+    segment_rows_kernel<<<blocks_for(out_rows, 256), 256, 0, stream>>>(segment_offsets, out_rows,
+                                                                       segment_row, split_row);
+    CUDA_CHECK_LAUNCH("segment_rows_kernel");
 
     // Step 6: one block per segment.
     float* partial_down = carve<float>(scratch, partial_down_at);
     float* partial_up = carve<float>(scratch, partial_up_at);
     segment_grad_kernel<T, kVec>
         <<<static_cast<unsigned>(max_segments), row_threads(s.dim / kVec), 0, stream>>>(
-            row_begin, segment_offsets, out_rows, sorted_pairs, pair_dh, pair_a, in.x.data<T>(),
-            dy.data<T>(), s.slots, s.dim, grads.d_down.data<float>(), grads.d_up.data<float>(),
-            partial_down, partial_up);
+            row_begin, segment_offsets, segment_row, out_rows, sorted_pairs, pair_dh, pair_a,
+            in.x.data<T>(), dy.data<T>(), s.slots, s.dim, grads.d_down.data<float>(),
+            grads.d_up.data<float>(), partial_down, partial_up);
     CUDA_CHECK_LAUNCH("segment_grad_kernel");
 
     // Step 7: split rows from their partial rows; the grid strides over (split row,
@@ -350,8 +358,8 @@ void experts_backward_cuda(const ExpertInputs& in, const Tensor& h, const Tensor
       CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device));
       const int64_t blocks = std::min<int64_t>(max_items, int64_t(multiprocessors) * 8);
       sum_partials_kernel<<<static_cast<unsigned>(blocks), dim3(kWarp, kSumSplits), 0, stream>>>(
-          segment_offsets, out_rows, partial_down, partial_up, s.dim, grads.d_down.data<float>(),
-          grads.d_up.data<float>());
+          segment_offsets, split_row, out_rows, partial_down, partial_up, s.dim,
+          grads.d_down.data<float>(), grads.d_up.data<float>());
       CUDA_CHECK_LAUNCH("sum_partials_kernel");
     }
   });

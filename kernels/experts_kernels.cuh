@@ -109,6 +109,10 @@ constexpr int kDotWarps = 4;
 constexpr int kDotRowsPerWarp = 4;
 constexpr int kDotSlotsPerBlock = kDotWarps * kDotRowsPerWarp;
 
+// An epilogue reads its per-pair inputs with load(pair) before the dot is computed
+// (the loads overlap the row gathers instead of following them), then finishes the
+// pair with operator()(pair, dot, filled, inputs).
+
 // Forward: h = dot, and the coefficient of up_embed[e] in y[t], act(h) * g (both 0
 // for an empty slot).
 struct ForwardDotEpilogue {
@@ -116,9 +120,13 @@ struct ForwardDotEpilogue {
   float* h;
   float* coef;
   Activation act;
-  __device__ void operator()(int64_t pair, float dot, bool filled) const {
+  struct Inputs {
+    float gate;
+  };
+  __device__ Inputs load(int64_t pair) const { return {gates[pair]}; }
+  __device__ void operator()(int64_t pair, float dot, bool filled, Inputs in) const {
     h[pair] = filled ? dot : 0.0f;
-    coef[pair] = filled ? activate(act, dot) * gates[pair] : 0.0f;
+    coef[pair] = filled ? activate(act, dot) * in.gate : 0.0f;
   }
 };
 
@@ -132,8 +140,12 @@ struct BackwardDotEpilogue {
   float* pair_dh;
   float* pair_a;
   Activation act;
-  __device__ void operator()(int64_t pair, float z, bool filled) const {
-    const float pre = h[pair], g = gates[pair], activated = activate(act, pre);
+  struct Inputs {
+    float pre, gate;
+  };
+  __device__ Inputs load(int64_t pair) const { return {h[pair], gates[pair]}; }
+  __device__ void operator()(int64_t pair, float z, bool filled, Inputs in) const {
+    const float pre = in.pre, g = in.gate, activated = activate(act, pre);
     dgates[pair] = filled ? activated * z : 0.0f;
     pair_dh[pair] = filled ? z * g * activate_grad(act, pre) : 0.0f;
     pair_a[pair] = filled ? activated * g : 0.0f;
@@ -167,6 +179,10 @@ __global__ void __launch_bounds__(kDotWarps* kWarp)
     any_filled = any_filled || filled[r];
     rows[r] = table + int64_t(filled[r] ? id : 0) * dim;
   }
+  // Lane r finishes slot r: its epilogue inputs are loaded now, beside the gathers.
+  const int64_t my_pair = token * slots + min(first_slot + lane, slots - 1);
+  const typename Epilogue::Inputs my_inputs =
+      lane < kDotRowsPerWarp ? epilogue.load(my_pair) : typename Epilogue::Inputs{};
   const T* token_row = token_rows + token * dim;
   const int chunks = any_filled ? int(dim / kVec) : 0;
   float partial[kDotRowsPerWarp] = {};
@@ -193,9 +209,7 @@ __global__ void __launch_bounds__(kDotWarps* kWarp)
 #pragma unroll
   for (int r = 0; r < kDotRowsPerWarp; ++r) {
     const float dot = warp_sum(partial[r]);
-    if (lane == r && first_slot + r < slots) {
-      epilogue(token * slots + first_slot + r, dot, filled[r]);
-    }
+    if (lane == r && first_slot + r < slots) epilogue(my_pair, dot, filled[r], my_inputs);
   }
 }
 
@@ -317,19 +331,17 @@ __global__ void segment_counts_kernel(const int32_t* __restrict__ row_begin, int
   counts[row] = c;
 }
 
-// The largest r in [lo, hi) with first(r) <= target, for first nondecreasing and
-// first(lo) <= target: the row that holds the target-th segment (or split row).
-template <class First>
-__device__ __forceinline__ int64_t row_of(int64_t lo, int64_t hi, int32_t target, First first) {
-  while (hi - lo > 1) {
-    const int64_t mid = lo + (hi - lo) / 2;
-    if (first(mid) <= target) {
-      lo = mid;
-    } else {
-      hi = mid;
-    }
-  }
-  return lo;
+// The rows of the segments and of the split rows, from the scanned counts: row r
+// numbers segments [offsets[r].segments, offsets[r + 1].segments) and, if split, split
+// row offsets[r].split_rows. Read once by the kernels below instead of a search.
+__global__ void segment_rows_kernel(const SegmentCounts* __restrict__ offsets, int64_t out_rows,
+                                    int32_t* __restrict__ segment_row,
+                                    int32_t* __restrict__ split_row) {
+  const int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row >= out_rows) return;
+  const SegmentCounts first = offsets[row], next = offsets[row + 1];
+  for (int32_t k = first.segments; k < next.segments; ++k) segment_row[k] = int32_t(row);
+  if (next.split_rows != first.split_rows) split_row[first.split_rows] = int32_t(row);
 }
 
 // Phase 1: block b sums segment b (the grid is sized for the most segments the shapes
@@ -341,7 +353,8 @@ __device__ __forceinline__ int64_t row_of(int64_t lo, int64_t hi, int32_t target
 template <class T, int kVec>
 __global__ void segment_grad_kernel(
     const int32_t* __restrict__ row_begin, const SegmentCounts* __restrict__ offsets,
-    int64_t out_rows, const int32_t* __restrict__ sorted_pairs, const float* __restrict__ pair_dh,
+    const int32_t* __restrict__ segment_row, int64_t out_rows,
+    const int32_t* __restrict__ sorted_pairs, const float* __restrict__ pair_dh,
     const float* __restrict__ pair_a, const T* __restrict__ x, const T* __restrict__ dy,
     int64_t slots, int64_t dim, float* __restrict__ d_down, float* __restrict__ d_up,
     float* __restrict__ partial_down, float* __restrict__ partial_up) {
@@ -351,12 +364,7 @@ __global__ void segment_grad_kernel(
   const int32_t segment = int32_t(blockIdx.x);
   const int32_t segments = offsets[out_rows].segments;
   if (segment >= segments) return;  // the whole block leaves
-  // Row r's first segment is r plus the extra segments of the rows before it, so the
-  // row of this segment lies in [segment - all extra segments, segment]: a short
-  // search where few rows are split.
-  const int64_t extra = segments - out_rows;
-  const int64_t row = row_of(max(int64_t(0), segment - extra), min(int64_t(segment) + 1, out_rows),
-                             segment, [&](int64_t r) { return offsets[r].segments; });
+  const int64_t row = segment_row[segment];
   const int32_t index = segment - offsets[row].segments;
   const int32_t first = row_begin[row] + index * kSegmentPairs;
   const int n = min(kSegmentPairs, row_begin[row + 1] - first);  // 0 for an empty row
@@ -410,7 +418,8 @@ constexpr int kSumSplits = 8;
 // in ascending order, then thread (c, 0) adds the kSumSplits sums in ascending j.
 // The order depends on P alone.
 __global__ void __launch_bounds__(kWarp* kSumSplits)
-    sum_partials_kernel(const SegmentCounts* __restrict__ offsets, int64_t out_rows,
+    sum_partials_kernel(const SegmentCounts* __restrict__ offsets,
+                        const int32_t* __restrict__ split_row, int64_t out_rows,
                         const float* __restrict__ partial_down,
                         const float* __restrict__ partial_up, int64_t dim,
                         float* __restrict__ d_down, float* __restrict__ d_up) {
@@ -422,8 +431,7 @@ __global__ void __launch_bounds__(kWarp* kSumSplits)
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
     const int32_t m = int32_t(item / tiles);
     const int64_t column = item % tiles * kWarp + lane;
-    // Row r is split row first(r) or later, so r >= m.
-    const int64_t row = row_of(m, out_rows, m, [&](int64_t r) { return offsets[r].split_rows; });
+    const int64_t row = split_row[m];
     const int32_t first = offsets[row].partials;
     const int64_t count = offsets[row + 1].partials - first;
     const int32_t lo = first + int32_t(count * split / kSumSplits);
