@@ -7,6 +7,8 @@
 // Forward: two gather passes over the pairs; gathered rows are never materialised.
 //   1. slot_dot_kernel(x, down_embed): h[p] = <x[t], down[e]>, coef[p] = act(h) g.
 //   2. slot_sum_kernel(up_embed, coef): y[t] = sum_s coef[t][s] up[e], s ascending.
+//   Where S <= 32, slot_dot_narrow_kernel serves step 1 (here and in the backward):
+//   a warp per token over its filled slots only, the same dots bit for bit.
 //   Each pass reads one table only, so at the quickstart shape (E = 16384, D = 1024,
 //   bf16: 32 MB a table) the table a pass gathers from stays in the 50 MB L2.
 // Backward: the same two passes token-centric, then the expert gradients
@@ -179,6 +181,13 @@ template <class T, int kVec, class Epilogue>
 void launch_slot_dots(const T* token_rows, const T* table, const int32_t* ids, const Sizes& s,
                       Epilogue epilogue) {
   if (s.pairs == 0) return;
+  if (s.slots <= kWarp) {
+    slot_dot_narrow_kernel<T, kVec>
+        <<<blocks_for(s.tokens, kDotWarps), kDotWarps * kWarp, 0, current_stream()>>>(
+            token_rows, table, ids, s.tokens, s.slots, s.dim, epilogue);
+    CUDA_CHECK_LAUNCH("slot_dot_narrow_kernel");
+    return;
+  }
   const dim3 grid(static_cast<unsigned>(s.tokens), blocks_for(s.slots, kDotSlotsPerBlock));
   slot_dot_kernel<T, kVec><<<grid, kDotWarps * kWarp, 0, current_stream()>>>(
       token_rows, table, ids, s.slots, s.dim, epilogue);

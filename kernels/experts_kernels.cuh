@@ -152,11 +152,40 @@ struct BackwardDotEpilogue {
   }
 };
 
+// Lane partial sums of the dots of token_row with rows[r], for the filled r (the others
+// stay 0): lanes stride over the kVec-element chunks, so each lane has the token chunk
+// and R table chunks in flight. The chunk order and the fmaf chain are fixed, so a dot
+// has the same bits whichever kernel computes it.
+template <class T, int kVec, int R>
+__device__ __forceinline__ void lane_partial_dots(const T* token_row, const T* const (&rows)[R],
+                                                  const bool (&filled)[R], int chunks, int lane,
+                                                  float (&partial)[R]) {
+  for (int c = lane; c < chunks; c += kWarp) {
+    const int64_t at = int64_t(c) * kVec;
+    float token_chunk[kVec];
+    float row_chunk[R][kVec];
+    load_floats<T, kVec, Cache::l1>(token_row + at, token_chunk);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      if (filled[r]) {
+        load_floats<T, kVec, Cache::l2_only>(rows[r] + at, row_chunk[r]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) row_chunk[r][i] = 0.0f;
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) partial[r] = fmaf(token_chunk[i], row_chunk[r][i], partial[r]);
+    }
+  }
+}
+
 // Block (token t = blockIdx.x, slots [16 * blockIdx.y, +16)); warp w takes 4
-// consecutive slots and its lanes stride over the chunks of the rows, so each lane
-// has the token chunk and 4 table chunks in flight. Lane partial sums are combined
-// by warp_sum, then one lane per slot hands the dot to the epilogue. The rows of empty
-// slots are not read (the branch is uniform over the warp) and their dots are 0.
+// consecutive slots. Lane partial sums are combined by warp_sum, then one lane per slot
+// hands the dot to the epilogue. The rows of empty slots are not read (the branch is
+// uniform over the warp) and their dots are 0.
 template <class T, int kVec, class Epilogue>
 __global__ void __launch_bounds__(kDotWarps* kWarp)
     slot_dot_kernel(const T* __restrict__ token_rows, const T* __restrict__ table,
@@ -183,34 +212,58 @@ __global__ void __launch_bounds__(kDotWarps* kWarp)
   const int64_t my_pair = token * slots + min(first_slot + lane, slots - 1);
   const typename Epilogue::Inputs my_inputs =
       lane < kDotRowsPerWarp ? epilogue.load(my_pair) : typename Epilogue::Inputs{};
-  const T* token_row = token_rows + token * dim;
-  const int chunks = any_filled ? int(dim / kVec) : 0;
   float partial[kDotRowsPerWarp] = {};
-  for (int c = lane; c < chunks; c += kWarp) {
-    const int64_t at = int64_t(c) * kVec;
-    float token_chunk[kVec];
-    float row_chunk[kDotRowsPerWarp][kVec];
-    load_floats<T, kVec, Cache::l1>(token_row + at, token_chunk);
-#pragma unroll
-    for (int r = 0; r < kDotRowsPerWarp; ++r) {
-      if (filled[r]) {
-        load_floats<T, kVec, Cache::l2_only>(rows[r] + at, row_chunk[r]);
-      } else {
-#pragma unroll
-        for (int i = 0; i < kVec; ++i) row_chunk[r][i] = 0.0f;
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < kDotRowsPerWarp; ++r) {
-#pragma unroll
-      for (int i = 0; i < kVec; ++i) partial[r] = fmaf(token_chunk[i], row_chunk[r][i], partial[r]);
-    }
+  if (any_filled) {
+    lane_partial_dots<T, kVec>(token_rows + token * dim, rows, filled, int(dim / kVec), lane,
+                               partial);
   }
 #pragma unroll
   for (int r = 0; r < kDotRowsPerWarp; ++r) {
     const float dot = warp_sum(partial[r]);
     if (lane == r && first_slot + r < slots) epilogue(my_pair, dot, filled[r], my_inputs);
   }
+}
+
+// Rows of at most kWarp slots: one warp per token, lane s holding slot s. The filled
+// slots (a ballot) are gathered kDotRowsPerWarp at a time in ascending slot order, so a
+// row whose slots are mostly empty (an owner's rows under expert parallelism) costs
+// only its filled ones. The dots are those slot_dot_kernel computes, bit for bit.
+template <class T, int kVec, class Epilogue>
+__global__ void __launch_bounds__(kDotWarps* kWarp)
+    slot_dot_narrow_kernel(const T* __restrict__ token_rows, const T* __restrict__ table,
+                           const int32_t* __restrict__ ids, int64_t tokens, int64_t slots,
+                           int64_t dim, Epilogue epilogue) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t token = int64_t(blockIdx.x) * kDotWarps + threadIdx.x / kWarp;
+  if (token >= tokens) return;  // whole warps leave; the kernel has no block barrier
+  const bool in_row = lane < slots;
+  const int64_t my_pair = token * slots + (in_row ? lane : 0);
+  const int32_t my_id = in_row ? ids[my_pair] : -1;
+  const typename Epilogue::Inputs my_inputs =
+      in_row ? epilogue.load(my_pair) : typename Epilogue::Inputs{};
+  const T* token_row = token_rows + token * dim;
+  float my_dot = 0.0f;
+  for (unsigned left = __ballot_sync(0xffffffffu, my_id >= 0); left != 0;) {
+    int slot[kDotRowsPerWarp];
+    const T* rows[kDotRowsPerWarp];
+    bool filled[kDotRowsPerWarp];
+#pragma unroll
+    for (int r = 0; r < kDotRowsPerWarp; ++r) {
+      filled[r] = left != 0;
+      slot[r] = filled[r] ? __ffs(left) - 1 : 0;
+      left &= left - 1;
+      const int32_t id = __shfl_sync(0xffffffffu, my_id, slot[r]);
+      rows[r] = table + int64_t(filled[r] ? id : 0) * dim;
+    }
+    float partial[kDotRowsPerWarp] = {};
+    lane_partial_dots<T, kVec>(token_row, rows, filled, int(dim / kVec), lane, partial);
+#pragma unroll
+    for (int r = 0; r < kDotRowsPerWarp; ++r) {
+      const float dot = warp_sum(partial[r]);
+      if (filled[r] && lane == slot[r]) my_dot = dot;
+    }
+  }
+  if (in_row) epilogue(my_pair, my_dot, my_id >= 0, my_inputs);
 }
 
 // ---------------------------------------------------------------------------------
