@@ -4,8 +4,12 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <functional>
+#include <initializer_list>
+#include <string>
 #include <vector>
 
+#include "core/error.h"
 #include "core/tensor.h"
 
 namespace flashmoe::test {
@@ -31,6 +35,32 @@ inline double relative_error(const std::vector<double>& a, const std::vector<dou
 
 inline double relative_error(const Tensor& a, const Tensor& b) {
   return relative_error(a.to_doubles(), b.to_doubles());
+}
+
+// The message of the flashmoe::Error that `action` throws, or "(no error)".
+inline std::string error_of(const std::function<void()>& action) {
+  try {
+    action();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
+
+// `action` throws a one-line flashmoe::Error that holds every fragment.
+inline void expect_one_line_error(const std::function<void()>& action,
+                                  std::initializer_list<std::string> fragments) {
+  const std::string message = error_of(action);
+  EXPECT_EQ(message.find('\n'), std::string::npos) << "not one line: " << message;
+  for (const std::string& fragment : fragments) {
+    EXPECT_NE(message.find(fragment), std::string::npos)
+        << "expected \"" << fragment << "\" in: " << message;
+  }
+}
+
+inline void expect_one_line_error(const std::function<void()>& action,
+                                  const std::string& fragment) {
+  expect_one_line_error(action, {fragment});
 }
 
 }  // namespace flashmoe::test

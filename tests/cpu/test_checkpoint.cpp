@@ -9,11 +9,15 @@
 #include <sstream>
 #include <thread>
 
+#include "tests/test_util.h"
 #include "trainer/checkpoint.h"
 #include "trainer/safetensors.h"
 
 namespace flashmoe {
 namespace {
+
+using test::error_of;
+using test::expect_one_line_error;
 
 namespace fs = std::filesystem;
 
@@ -65,27 +69,6 @@ void write_raw_safetensors(const fs::path& path, const std::string& header,
 std::string bytes_of(const Tensor& tensor) {
   Tensor host = tensor.device() == Device::cpu ? tensor : tensor.to(Device::cpu);
   return std::string(static_cast<const char*>(host.raw()), host.nbytes());
-}
-
-template <class F>
-std::string error_of(F&& action) {
-  try {
-    action();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
-
-// The error is one line and holds every expected fragment.
-template <class F>
-void expect_error(F&& action, std::initializer_list<std::string> fragments) {
-  const std::string message = error_of(action);
-  EXPECT_EQ(message.find('\n'), std::string::npos) << message;
-  for (const std::string& fragment : fragments) {
-    EXPECT_NE(message.find(fragment), std::string::npos)
-        << "expected \"" << fragment << "\" in: " << message;
-  }
 }
 
 void flip_byte(const fs::path& path, size_t from_end) {
@@ -185,7 +168,7 @@ TEST_F(SafetensorsTest, CorruptFilesGiveOneLineErrorsNamingTheFile) {
   auto expect_read_error = [&](const std::string& bytes, const std::string& fragment) {
     SCOPED_TRACE(fragment);
     write_bytes(path, bytes);
-    expect_error([&] { read_safetensors(file); }, {file, fragment});
+    expect_one_line_error([&] { read_safetensors(file); }, {file, fragment});
   };
   auto raw = [](const std::string& header, size_t data_bytes) {
     return little_endian_u64(header.size()) + header + std::string(data_bytes, '\0');
@@ -219,8 +202,8 @@ TEST_F(SafetensorsTest, CorruptFilesGiveOneLineErrorsNamingTheFile) {
   expect_read_error(raw("{" + good_entry + "}", 5), "data section holds 5 bytes");
   expect_read_error(raw("{" + good_entry + "}", 9), "data section holds 9 bytes");
   expect_read_error(raw("{\"w\":" + std::string(100, '['), 0), "nesting deeper");
-  expect_error([&] { read_safetensors((dir_ / "missing.safetensors").string()); },
-               {"cannot open", "missing.safetensors"});
+  expect_one_line_error([&] { read_safetensors((dir_ / "missing.safetensors").string()); },
+                        {"cannot open", "missing.safetensors"});
 }
 
 TEST_F(SafetensorsTest, TruncatedWrittenFileIsRejected) {
@@ -228,10 +211,10 @@ TEST_F(SafetensorsTest, TruncatedWrittenFileIsRejected) {
   write_safetensors(path.string(), every_dtype());
   std::string bytes = read_bytes(path);
   write_bytes(path, bytes.substr(0, bytes.size() - 3));
-  expect_error([&] { read_safetensors(path.string()); },
-               {path.string(), "offsets cover", "truncated"});
+  expect_one_line_error([&] { read_safetensors(path.string()); },
+                        {path.string(), "offsets cover", "truncated"});
   write_bytes(path, bytes.substr(0, 20));
-  expect_error([&] { read_safetensors(path.string()); }, {path.string(), "header length"});
+  expect_one_line_error([&] { read_safetensors(path.string()); }, {path.string(), "header length"});
 }
 
 TEST_F(SafetensorsTest, MismatchedDestinationsAreRejectedBeforeAnyLoad) {
@@ -241,15 +224,16 @@ TEST_F(SafetensorsTest, MismatchedDestinationsAreRejectedBeforeAnyLoad) {
   SafetensorsFile file = read_safetensors(path);
   Tensor a = Tensor::from_vector<float>({-1.f, -1.f}, {2}, Device::cpu);
   Tensor b_wrong_shape = Tensor::from_vector<float>({-1.f, -1.f}, {2}, Device::cpu);
-  expect_error(
+  expect_one_line_error(
       [&] {
         file.load_all({{"a", &a}, {"b", &b_wrong_shape}});
       },
       {path, "tensor \"b\" is fp32 [1, 2], the destination is fp32 [2]"});
   EXPECT_EQ(a.to_vector<float>(), std::vector<float>({-1.f, -1.f}));  // untouched
   Tensor b_wrong_dtype = Tensor::zeros({1, 2}, DType::bf16, Device::cpu);
-  expect_error([&] { file.load_into("b", b_wrong_dtype); }, {"is fp32 [1, 2]", "bf16 [1, 2]"});
-  expect_error([&] { file.load_into("c", a); }, {path, "has no tensor \"c\""});
+  expect_one_line_error([&] { file.load_into("b", b_wrong_dtype); },
+                        {"is fp32 [1, 2]", "bf16 [1, 2]"});
+  expect_one_line_error([&] { file.load_into("c", a); }, {path, "has no tensor \"c\""});
   file.load_all({{"a", &a}});
   EXPECT_EQ(a.to_vector<float>(), std::vector<float>({1.f, 2.f}));
 }
@@ -257,11 +241,15 @@ TEST_F(SafetensorsTest, MismatchedDestinationsAreRejectedBeforeAnyLoad) {
 TEST_F(SafetensorsTest, RejectsUnwritableTensorLists) {
   const std::string path = (dir_ / "w.safetensors").string();
   Tensor t = Tensor::zeros({1}, DType::f32, Device::cpu);
-  expect_error([&] { write_safetensors(path, {{"x", t}, {"x", t}}); }, {"duplicate tensor name"});
-  expect_error([&] { write_safetensors(path, {{"__metadata__", t}}); }, {"reserved"});
-  expect_error([&] { write_safetensors(path, {{"u", Tensor()}}); }, {"undefined"});
-  expect_error([&] { write_safetensors((dir_ / "no/such/dir.safetensors").string(), {}); },
-               {"cannot create"});
+  expect_one_line_error(
+      [&] {
+        write_safetensors(path, {{"x", t}, {"x", t}});
+      },
+      {"duplicate tensor name"});
+  expect_one_line_error([&] { write_safetensors(path, {{"__metadata__", t}}); }, {"reserved"});
+  expect_one_line_error([&] { write_safetensors(path, {{"u", Tensor()}}); }, {"undefined"});
+  expect_one_line_error([&] { write_safetensors((dir_ / "no/such/dir.safetensors").string(), {}); },
+                        {"cannot create"});
 }
 
 TEST_F(SafetensorsTest, DeviceTensorsRoundTrip) {
@@ -316,14 +304,16 @@ TEST_F(CheckpointTest, TrainerStateRoundTripsThroughYaml) {
     EXPECT_EQ(parse_trainer_state(to_yaml(state), "s.yaml"), state) << to_yaml(state);
   }
   const std::string yaml = to_yaml(state_at(3));
-  expect_error([&] { parse_trainer_state(yaml + "surprise: 1\n", "s.yaml"); },
-               {"s.yaml", "unknown key 'surprise'"});
-  expect_error([&] { parse_trainer_state("step: [1]\n", "s.yaml"); }, {"s.yaml", "'format'"});
+  expect_one_line_error([&] { parse_trainer_state(yaml + "surprise: 1\n", "s.yaml"); },
+                        {"s.yaml", "unknown key 'surprise'"});
+  expect_one_line_error([&] { parse_trainer_state("step: [1]\n", "s.yaml"); },
+                        {"s.yaml", "'format'"});
   std::string bad_step = yaml;
   bad_step.replace(bad_step.find("step: 3"), 7, "step: x");
-  expect_error([&] { parse_trainer_state(bad_step, "s.yaml"); },
-               {"s.yaml:2: key 'step' is not an integer"});
-  expect_error([&] { parse_trainer_state("a: [", "s.yaml"); }, {"s.yaml", "malformed YAML"});
+  expect_one_line_error([&] { parse_trainer_state(bad_step, "s.yaml"); },
+                        {"s.yaml:2: key 'step' is not an integer"});
+  expect_one_line_error([&] { parse_trainer_state("a: [", "s.yaml"); },
+                        {"s.yaml", "malformed YAML"});
 }
 
 // Saves `step` as one rank would: model, optimizer and expert shard, values from the step.
@@ -387,8 +377,8 @@ TEST_F(CheckpointTest, SaveWritesTheLayoutAndReadsBack) {
   EXPECT_EQ(bytes_of(embed),
             bytes_of(Tensor::from_floats({1234, 1, 2, 3}, {2, 2}, DType::bf16, Device::cpu)));
   EXPECT_EQ(down.to_vector<float>(), std::vector<float>({1234, -1234, 5, 6, 7, 8}));
-  expect_error([&] { reader.safetensors(experts_file(1)); },
-               {"has no experts_rank1.safetensors", "model.safetensors"});
+  expect_one_line_error([&] { reader.safetensors(experts_file(1)); },
+                        {"has no experts_rank1.safetensors", "model.safetensors"});
 }
 
 TEST_F(CheckpointTest, KeepsTheNewestKeepCheckpoints) {
@@ -406,8 +396,9 @@ TEST_F(CheckpointTest, ResumeAutoPicksTheNewestValidCheckpoint) {
 
   // A flipped byte in the newest one's data: caught by the checksum, the one before wins.
   flip_byte(dir_ / "step_00000300" / "experts_rank0.safetensors", 2);
-  expect_error([&] { CheckpointReader((dir_ / "step_00000300").string()); },
-               {"step_00000300", "experts_rank0.safetensors has checksum", "the file is corrupt"});
+  expect_one_line_error(
+      [&] { CheckpointReader((dir_ / "step_00000300").string()); },
+      {"step_00000300", "experts_rank0.safetensors has checksum", "the file is corrupt"});
   std::optional<CheckpointReader> latest = open_latest_checkpoint(dir_.string());
   ASSERT_TRUE(latest.has_value());
   EXPECT_EQ(latest->path(), (dir_ / "step_00000200").string());
@@ -417,14 +408,14 @@ TEST_F(CheckpointTest, ResumeAutoPicksTheNewestValidCheckpoint) {
   const fs::path step200 = dir_ / "step_00000200";
   const std::string model = read_bytes(step200 / kModelFile);
   write_bytes(step200 / kModelFile, model.substr(0, model.size() - 1));
-  expect_error([&] { CheckpointReader(step200.string()); },
-               {"model.safetensors is", "bytes, COMPLETE says", "truncated"});
+  expect_one_line_error([&] { CheckpointReader(step200.string()); },
+                        {"model.safetensors is", "bytes, COMPLETE says", "truncated"});
   EXPECT_EQ(find_latest_checkpoint(dir_.string()), (dir_ / "step_00000100").string());
   fs::remove(step200 / kCompleteFile);
-  expect_error([&] { CheckpointReader(step200.string()); }, {"has no COMPLETE marker"});
+  expect_one_line_error([&] { CheckpointReader(step200.string()); }, {"has no COMPLETE marker"});
   flip_byte(dir_ / "step_00000100" / kCompleteFile, 30);
-  expect_error([&] { CheckpointReader((dir_ / "step_00000100").string()); },
-               {"step_00000100", "COMPLETE does not match its closing line"});
+  expect_one_line_error([&] { CheckpointReader((dir_ / "step_00000100").string()); },
+                        {"step_00000100", "COMPLETE does not match its closing line"});
   EXPECT_EQ(find_latest_checkpoint(dir_.string()), std::nullopt);
 }
 
@@ -446,7 +437,8 @@ TEST_F(CheckpointTest, InterruptedSaveLeavesOnlyATemporaryDirectory) {
 TEST_F(CheckpointTest, ExistingCheckpointsAreNeverOverwritten) {
   save_step(dir_, 50);
   const std::string before = read_bytes(dir_ / "step_00000050" / kCompleteFile);
-  expect_error([&] { save_step(dir_, 50); }, {"step_00000050", "already exists and verifies"});
+  expect_one_line_error([&] { save_step(dir_, 50); },
+                        {"step_00000050", "already exists and verifies"});
   EXPECT_EQ(read_bytes(dir_ / "step_00000050" / kCompleteFile), before);
   EXPECT_EQ(find_latest_checkpoint(dir_.string()), (dir_ / "step_00000050").string());
 
@@ -464,8 +456,9 @@ TEST_F(CheckpointTest, WorldSizeMismatchIsAClearError) {
   save_step(dir_, 7);
   CheckpointReader reader((dir_ / "step_00000007").string());
   EXPECT_NO_THROW(verify_compatible(reader.state(), 1, reader.path()));
-  expect_error([&] { verify_compatible(reader.state(), 4, reader.path()); },
-               {"step_00000007", "was saved by 1 ranks, this run has 4", "same world size"});
+  expect_one_line_error(
+      [&] { verify_compatible(reader.state(), 4, reader.path()); },
+      {"step_00000007", "was saved by 1 ranks, this run has 4", "same world size"});
 }
 
 TEST_F(CheckpointTest, ShapeMismatchLeavesEveryDestinationUnchanged) {
@@ -475,7 +468,7 @@ TEST_F(CheckpointTest, ShapeMismatchLeavesEveryDestinationUnchanged) {
   Tensor norm = Tensor::from_vector<float>({-1}, {1}, Device::cpu);
   Tensor down_other_shape = Tensor::from_vector<float>({-1, -1, -1, -1}, {2, 2}, Device::cpu);
   const std::string embed_before = bytes_of(embed), norm_before = bytes_of(norm);
-  expect_error(
+  expect_one_line_error(
       [&] {
         reader.load_all({{kModelFile, "embed", &embed},
                          {kModelFile, "norm", &norm},
@@ -485,7 +478,7 @@ TEST_F(CheckpointTest, ShapeMismatchLeavesEveryDestinationUnchanged) {
        "destination is fp32 [2, 2]"});
   EXPECT_EQ(bytes_of(embed), embed_before);
   EXPECT_EQ(bytes_of(norm), norm_before);
-  expect_error(
+  expect_one_line_error(
       [&] {
         reader.load_all({{kModelFile, "missing", &norm}});
       },
@@ -496,15 +489,16 @@ TEST_F(CheckpointTest, ShapeMismatchLeavesEveryDestinationUnchanged) {
 TEST_F(CheckpointTest, RejectsBadFileNamesAndStates) {
   CheckpointWriter writer(dir_.string(), 3);
   Tensor t = Tensor::zeros({1}, DType::f32, Device::cpu);
-  expect_error(
+  expect_one_line_error(
       [&] {
         writer.write_tensors("../escape.safetensors", {{"t", t}});
       },
       {"'../escape.safetensors' is invalid"});
-  expect_error([&] { writer.write_tensors("COMPLETE", {{"t", t}}); }, {"is invalid"});
-  expect_error([&] { writer.commit(state_at(4), 3); },
-               {"trainer state of step 4", "expected step 3"});
-  expect_error([&] { writer.commit(state_at(3, 2), 3); }, {"world size 2", "world size 1"});
+  expect_one_line_error([&] { writer.write_tensors("COMPLETE", {{"t", t}}); }, {"is invalid"});
+  expect_one_line_error([&] { writer.commit(state_at(4), 3); },
+                        {"trainer state of step 4", "expected step 3"});
+  expect_one_line_error([&] { writer.commit(state_at(3, 2), 3); },
+                        {"world size 2", "world size 1"});
 }
 
 // Two ranks (threads here, processes under MPI) write one checkpoint together.

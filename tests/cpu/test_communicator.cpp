@@ -2,18 +2,12 @@
 #include <gtest/gtest.h>
 
 #include "parallel/communicator.h"
+#include "tests/test_util.h"
 
 namespace flashmoe {
 namespace {
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
+using test::error_of;
 
 TEST(Communicator, LayoutGivesBytesAndOffsetsPerPeer) {
   Tensor send = Tensor::zeros({5, 3}, DType::f32, Device::cpu);

@@ -5,18 +5,14 @@
 #include <limits>
 
 #include "core/config.h"
+#include "tests/test_util.h"
 
 namespace flashmoe {
 namespace {
 
 // The message of the Error that parsing throws, or a note that it threw none.
 std::string error_of(const std::string& yaml, const std::vector<std::string>& overrides = {}) {
-  try {
-    parse_config(yaml, "x.yaml", overrides);
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
+  return test::error_of([&] { parse_config(yaml, "x.yaml", overrides); });
 }
 
 std::vector<std::filesystem::path> shipped_configs() {

@@ -4,17 +4,18 @@
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
-#include <functional>
 #include <map>
 #include <set>
 #include <string>
 #include <vector>
 
+#include "tests/test_util.h"
 #include "trainer/data.h"
 
 namespace flashmoe {
 namespace {
 
+using test::expect_one_line_error;
 using Row = std::vector<int32_t>;
 
 // 64 subjects × 4 relations in a vocabulary of 128; 8 sequences of 16 tokens per step.
@@ -53,22 +54,6 @@ std::vector<Row> rows_of(const std::vector<Batch>& batches) {
     for (Row& row : rows_of(batch)) rows.push_back(std::move(row));
   }
   return rows;
-}
-
-// The message of the Error that `action` throws, or a note that it threw none.
-std::string error_of(const std::function<void()>& action) {
-  try {
-    action();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
-
-void expect_one_line_error(const std::function<void()>& action, const std::string& expected) {
-  const std::string message = error_of(action);
-  EXPECT_NE(message.find(expected), std::string::npos) << message;
-  EXPECT_EQ(message.find('\n'), std::string::npos) << message;
 }
 
 // A scratch directory per test, removed afterwards.

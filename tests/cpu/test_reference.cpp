@@ -51,20 +51,10 @@ std::vector<float> to_float_vector(const std::vector<double>& v) {
   return std::vector<float>(v.begin(), v.end());
 }
 
-// The message of the flashmoe::Error that `run` throws, or a note that it threw none.
-std::string error_message(const std::function<void()>& run) {
-  try {
-    run();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "<no flashmoe::Error thrown>";
-}
-
 // `statement` throws a one-line flashmoe::Error whose message contains `expected`.
 #define EXPECT_ERROR_CONTAINS(statement, expected)                                   \
   do {                                                                               \
-    const std::string message = error_message([&] { statement; });                   \
+    const std::string message = test::error_of([&] { statement; });                  \
     EXPECT_NE(message.find(expected), std::string::npos) << message;                 \
     EXPECT_EQ(message.find('\n'), std::string::npos) << "not one line: " << message; \
   } while (0)

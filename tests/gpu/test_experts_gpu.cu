@@ -21,6 +21,8 @@
 namespace flashmoe {
 namespace {
 
+using test::error_of;
+
 using test::relative_error;
 
 template <class T>
@@ -253,16 +255,6 @@ TEST(ExpertsGpu, BitwiseRepeatable) {
       }
     }
   }
-}
-
-template <class Fn>
-std::string error_of(Fn fn) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "no error";
 }
 
 TEST(ExpertsGpu, OutOfRangeIdIsAClearError) {
