@@ -3,7 +3,6 @@
 #include <cuda_runtime.h>
 
 #include <cstdlib>
-#include <cstring>
 #include <vector>
 
 #include "kernels/elementwise.h"
@@ -55,13 +54,10 @@ class MpiCommunicator final : public Communicator {
     FLASHMOE_CHECK(t.dtype() == DType::f32 || t.dtype() == DType::f64,
                    "MPI all_reduce of " << dtype_name(t.dtype()) << ", expected fp32 or fp64");
     const int bytes = to_int(static_cast<int64_t>(t.nbytes()), "all_reduce bytes");
-    std::vector<uint8_t> all(static_cast<size_t>(bytes) * size_);
-    MPI_CHECK(MPI_Allgather(t.raw(), bytes, MPI_BYTE, all.data(), bytes, MPI_BYTE, comm_));
-    if (t.dtype() == DType::f32) {
-      sum_in_rank_order<float>(all, t);
-    } else {
-      sum_in_rank_order<double>(all, t);
-    }
+    Tensor blocks = Tensor::empty({size_ * t.numel()}, t.dtype(), Device::cpu);
+    MPI_CHECK(MPI_Allgather(t.raw(), bytes, MPI_BYTE, blocks.raw(), bytes, MPI_BYTE, comm_));
+    Tensor flat = t.view({t.numel()});
+    sum_in_rank_order(blocks, flat);
   }
 
   void broadcast(Tensor& t, int root) override {
@@ -94,8 +90,7 @@ class MpiCommunicator final : public Communicator {
     MPI_CHECK(MPI_Allgather(send.raw(), bytes, MPI_BYTE, recv.raw(), bytes, MPI_BYTE, comm_));
   }
 
-  // Every rank's block for this rank, then their sum in rank order (rounded to the
-  // storage type after each addition).
+  // Every rank's block for this rank, then their sum in rank order.
   void reduce_scatter_sum(const Tensor& send, Tensor& recv) override {
     expect_device(send, Device::cpu, "MPI reduce_scatter send buffer");
     expect_device(recv, Device::cpu, "MPI reduce_scatter receive buffer");
@@ -103,24 +98,18 @@ class MpiCommunicator final : public Communicator {
         to_int(gathered_block_bytes(recv, send, size_, "reduce_scatter"), "reduce_scatter bytes");
     Tensor blocks = Tensor::empty(send.shape(), send.dtype(), Device::cpu);
     MPI_CHECK(MPI_Alltoall(send.raw(), bytes, MPI_BYTE, blocks.raw(), bytes, MPI_BYTE, comm_));
-    const int64_t n = recv.size(0);
-    recv.copy_from(blocks.rows(0, n));
-    for (int p = 1; p < size_; ++p) add_into(blocks.rows(p * n, (p + 1) * n), recv);
+    sum_in_rank_order(blocks, recv);
   }
 
   void barrier() override { MPI_CHECK(MPI_Barrier(comm_)); }
 
  private:
-  template <class T>
-  void sum_in_rank_order(const std::vector<uint8_t>& all, Tensor& t) {
-    const int64_t n = t.numel();
-    T* out = t.data<T>();
-    std::vector<T> part(n);
-    std::memcpy(out, all.data(), n * sizeof(T));
-    for (int p = 1; p < size_; ++p) {
-      std::memcpy(part.data(), all.data() + p * n * sizeof(T), n * sizeof(T));
-      for (int64_t i = 0; i < n; ++i) out[i] += part[i];
-    }
+  // out = blocks[0] + blocks[1] + ..., the P blocks of out's shape added in rank order,
+  // rounded to the storage type after each addition.
+  void sum_in_rank_order(const Tensor& blocks, Tensor& out) const {
+    const int64_t n = out.size(0);
+    out.copy_from(blocks.rows(0, n));
+    for (int p = 1; p < size_; ++p) add_into(blocks.rows(p * n, (p + 1) * n), out);
   }
 
   MPI_Comm comm_;
