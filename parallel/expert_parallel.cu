@@ -26,11 +26,12 @@ struct OwnRouting {
   int32_t* ids;
   float* gates;
   FLASHMOE_HD void operator()(int64_t i) const {
-    const int64_t r = i / S, s = i % S;
-    const int64_t local = int64_t(routing[r * 2 * S + s]) - first_expert;
-    const bool mine = routing[r * 2 * S + s] >= 0 && local >= 0 && local < local_experts;
+    // An empty slot (id < 0) lands below 0 too, since first_expert >= 0.
+    const int32_t* row = routing + i / S * 2 * S;
+    const int64_t s = i % S, local = int64_t(row[s]) - first_expert;
+    const bool mine = local >= 0 && local < local_experts;
     ids[i] = mine ? static_cast<int32_t>(local) : -1;
-    gates[i] = mine ? bits_float(static_cast<uint32_t>(routing[r * 2 * S + S + s])) : 0.0f;
+    gates[i] = mine ? bits_float(static_cast<uint32_t>(row[S + s])) : 0.0f;
   }
 };
 
