@@ -151,20 +151,10 @@ void bench_experts(const ExpertCase& whole, const Options& opt, std::vector<Resu
   results.push_back({c.name, "experts fwd+bwd", both, fwd_bytes + bwd_bytes});
 }
 
-struct LayerCase {
-  const char* name;
-  int64_t T, D, I, E;
-  int K, H;
-};
-
 // The whole layer, bf16: forward, forward+backward, and the peak device memory of a
 // forward+backward (parameters, activations, gradients and workspaces).
 void bench_layer(const LayerCase& c, const Options& opt, std::vector<Result>& results) {
-  MoeConfig moe;
-  moe.num_experts = c.E;
-  moe.top_k = c.K;
-  moe.heads = c.H;
-  moe.shared_intermediate = c.I;
+  const MoeConfig moe = moe_config(c);
   const double table_bytes = 2.0 * c.E * c.D * 2;
   const int sets = std::min(rotation_sets(table_bytes), 2);
   // The peak of one layer's forward+backward, measured before the rotation copies exist.

@@ -33,12 +33,6 @@ struct Options {
   int reps = 30;
 };
 
-struct EpCase {
-  const char* name;
-  int64_t T, D, I, E;
-  int K, H;
-};
-
 Options parse_args(int argc, char** argv) {
   Options opt;
   for (int i = 1; i < argc; ++i) {
@@ -58,11 +52,8 @@ Options parse_args(int argc, char** argv) {
 
 class EpBench {
  public:
-  EpBench(const EpCase& c, Communicator& comm, int reps) : c_(c), comm_(comm), reps_(reps) {
-    moe_.num_experts = c.E;
-    moe_.top_k = c.K;
-    moe_.heads = c.H;
-    moe_.shared_intermediate = c.I;
+  EpBench(const LayerCase& c, Communicator& comm, int reps)
+      : c_(c), comm_(comm), reps_(reps), moe_(moe_config(c)) {
     x_ = random_tensor({c.T, c.D}, DType::bf16, 800 + comm.rank(), 1.0f);
     dy_ = random_tensor({c.T, c.D}, DType::bf16, 900 + comm.rank(), 1.0f);
   }
@@ -134,10 +125,10 @@ class EpBench {
     }
   }
 
-  const EpCase& c_;
+  const LayerCase& c_;
   Communicator& comm_;
   int reps_;
-  MoeConfig moe_;
+  const MoeConfig moe_;
   Tensor x_, dy_;
 };
 
@@ -155,9 +146,9 @@ int run(int argc, char** argv, MpiSession& mpi) {
         "| case | GPUs | op | median ms | MB to peers | GB/s |\n|---|---|---|---|---|---|\n");
   }
   // smoke: one block of configs/smoke.yaml at its 16384 tokens per GPU.
-  const EpCase cases[] = {{"smoke", 16384, 256, 1024, 16384, 16, 1},
-                          {"quickstart", 4096, 1024, 4096, 16384, 64, 1}};
-  for (const EpCase& c : cases) {
+  const LayerCase cases[] = {{"smoke", 16384, 256, 1024, 16384, 16, 1},
+                             {"quickstart", 4096, 1024, 4096, 16384, 64, 1}};
+  for (const LayerCase& c : cases) {
     if (!opt.cases.empty() &&
         std::find(opt.cases.begin(), opt.cases.end(), c.name) == opt.cases.end())
       continue;

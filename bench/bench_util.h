@@ -7,6 +7,7 @@
 #include <functional>
 #include <vector>
 
+#include "core/config.h"
 #include "core/error.h"
 #include "core/philox.h"
 #include "core/stream.h"
@@ -44,6 +45,23 @@ inline Tensor random_tensor(Shape shape, DType dtype, uint64_t seed, float scale
   std::vector<float> values(n);
   for (int64_t i = 0; i < n; ++i) values[i] = philox_uniform(seed, 0, i, -scale, scale);
   return Tensor::from_floats(values, std::move(shape), dtype, Device::cuda);
+}
+
+// A layer shape: T tokens of width D, shared intermediate I, E experts, top-K of H heads.
+struct LayerCase {
+  const char* name;
+  int64_t T, D, I, E;
+  int K, H;
+};
+
+// The moe.* section of a layer case (the rest at its defaults).
+inline MoeConfig moe_config(const LayerCase& c) {
+  MoeConfig moe;
+  moe.num_experts = c.E;
+  moe.top_k = c.K;
+  moe.heads = c.H;
+  moe.shared_intermediate = c.I;
+  return moe;
 }
 
 }  // namespace flashmoe
