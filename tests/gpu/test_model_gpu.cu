@@ -11,6 +11,7 @@
 #include "core/stream.h"
 #include "kernels/attention.h"
 #include "kernels/cross_entropy.h"
+#include "kernels/elementwise.h"
 #include "kernels/embedding.h"
 #include "tests/test_util.h"
 #include "trainer/model.h"
@@ -21,11 +22,9 @@ namespace {
 using test::relative_error;
 
 Tensor random_values(Shape shape, DType dtype, Device device, uint64_t seed, float bound = 1.0f) {
-  int64_t n = 1;
-  for (int64_t d : shape) n *= d;
-  std::vector<float> v(n);
-  for (int64_t i = 0; i < n; ++i) v[i] = philox_uniform(seed, 13, i, -bound, bound);
-  return Tensor::from_floats(v, shape, dtype, device);
+  Tensor t = Tensor::empty(std::move(shape), dtype, device);
+  init_uniform(t, seed, 13, bound);
+  return t;
 }
 
 Tensor random_ids(Shape shape, int64_t limit, uint64_t seed, Device device) {
