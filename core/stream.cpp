@@ -7,9 +7,9 @@ namespace flashmoe {
 namespace {
 // Created on first use as a blocking stream: work on the legacy default stream
 // (synchronous cudaMemcpy of host data) stays ordered with it. It has the highest
-// priority, side streams the lowest: when a side branch overlaps the main one, the
-// main branch's blocks are scheduled first as SMs free up, and the side branch fills
-// what is left.
+// priority, and compute side streams the lowest: when a side branch overlaps the main
+// one, the main branch's blocks are scheduled first as SMs free up, and the side
+// branch fills what is left.
 cudaStream_t process_stream() {
   static cudaStream_t stream = [] {
     int least = 0, greatest = 0;
@@ -32,10 +32,11 @@ StreamScope::StreamScope(cudaStream_t stream) : previous_(t_redirect) { t_redire
 
 StreamScope::~StreamScope() { t_redirect = previous_; }
 
-SideStream::SideStream() {
+SideStream::SideStream(StreamPriority priority) {
   int least = 0, greatest = 0;
   CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
-  CUDA_CHECK(cudaStreamCreateWithPriority(&stream_, cudaStreamDefault, least));
+  CUDA_CHECK(cudaStreamCreateWithPriority(&stream_, cudaStreamDefault,
+                                          priority == StreamPriority::high ? greatest : least));
   CUDA_CHECK(cudaEventCreateWithFlags(&forked_, cudaEventDisableTiming));
   CUDA_CHECK(cudaEventCreateWithFlags(&joined_, cudaEventDisableTiming));
 }

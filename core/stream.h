@@ -28,12 +28,17 @@ class StreamScope {
   cudaStream_t previous_;
 };
 
+// How a side stream's blocks are scheduled against the main stream's: `low` fills
+// what the main branch leaves (compute that overlaps compute), `high` goes first
+// (communication, whose few blocks should start the moment they are queued).
+enum class StreamPriority { low, high };
+
 // A second stream for work that may overlap the current stream's: fork() makes it
 // wait for what is queued on the current stream so far, join() makes the current
 // stream wait for what was queued on it. Both are graph-capture safe.
 class SideStream {
  public:
-  SideStream();
+  explicit SideStream(StreamPriority priority = StreamPriority::low);
   ~SideStream();
   SideStream(const SideStream&) = delete;
   SideStream& operator=(const SideStream&) = delete;

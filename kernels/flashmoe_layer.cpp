@@ -31,7 +31,7 @@ FlashMoELayer::FlashMoELayer(int64_t dim, const MoeConfig& config, Device device
   expert_grad_layout_ =
       E * dim > kDenseExpertGradLimit ? GradLayout::row_sparse : GradLayout::dense;
   if (comm && comm->size() > 1) {
-    exchange_ = std::make_unique<ExpertExchange>(*comm, E);
+    exchange_ = std::make_unique<ExpertExchange>(*comm, E, device);
     batchnorm_.sync = [comm](Tensor& partial_sums) { comm->all_reduce_sum(partial_sums); };
   }
   const int64_t local_E = exchange_ ? exchange_->local_experts() : E;
@@ -118,7 +118,7 @@ void FlashMoELayer::routed_forward(const Tensor& ids, const Tensor& gates) {
     experts_forward(expert_in_, y_routed_, h_);
     return;
   }
-  const ExpertRows& owned = exchange_->dispatch(x_, ids, gates);
+  const ExpertRows& owned = exchange_->dispatch(ids, gates);
   expert_in_ = expert_inputs(owned.x, owned.ids, owned.gates);
   experts_forward(expert_in_, y_partial_, h_);
   exchange_->combine(y_partial_, y_routed_);
@@ -143,6 +143,7 @@ const Tensor& FlashMoELayer::forward(const Tensor& x, bool training) {
   expect_device(x, device_, "layer input");
   const int64_t T = x.size(0), H = config_.heads, K = config_.top_k;
   x_ = x;
+  if (exchange_) exchange_->start_dispatch(x_);  // x travels while the router runs
   fork_shared_branch();
   forward_norm(training);
   // fp32 logits even with bf16 storage: bf16 would tie many keys, and the tie rule
@@ -181,6 +182,7 @@ const Tensor& FlashMoELayer::backward(const Tensor& dy) {
   linear_backward_weight(dq, xn_, w_router_.grad, false);
   linear_backward_input(dq, w_router_.value, dxn_);
   backward_norm(dxn_);
+  if (exchange_) exchange_->wait();  // dx_routed was summed beside the router's backward
   add(*dx_routed, dx_norm_, dx_);
   run_shared_branch([&] {
     linear_backward_weight(dy, hidden_, w_down_.grad, false);

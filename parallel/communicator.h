@@ -38,6 +38,10 @@ class Communicator {
   // size: rank order on MPI, NCCL's ring order on NCCL.
   virtual void reduce_scatter_sum(const Tensor& send, Tensor& recv) = 0;
   virtual void barrier() = 0;
+  // A communicator over the same ranks whose collectives are ordered independently of
+  // this one's: the two may run at once (on two CUDA streams), so long as every rank
+  // calls each one's collectives in the same order.
+  virtual std::unique_ptr<Communicator> duplicate() const = 0;
 };
 
 // The byte layout of an all_to_all, per peer, once every argument is checked: one

@@ -4,25 +4,42 @@
 
 namespace flashmoe {
 
-ExpertExchange::ExpertExchange(Communicator& comm, int64_t num_experts) : comm_(comm) {
+ExpertExchange::ExpertExchange(const Communicator& comm, int64_t num_experts, Device device)
+    : comm_(comm.duplicate()) {
   const int P = comm.size();
   FLASHMOE_CHECK(num_experts % P == 0, "moe.num_experts is " << num_experts
                                                              << ", expected a multiple of the " << P
                                                              << " ranks");
   local_experts_ = num_experts / P;
   first_expert_ = comm.rank() * local_experts_;
+  if (device == Device::cuda) side_ = std::make_unique<SideStream>(StreamPriority::high);
+}
+
+template <class Transfer>
+void ExpertExchange::beside(Transfer transfer) {
+  if (!side_) {
+    transfer();
+    return;
+  }
+  side_->fork();
+  StreamScope on_side(side_->stream());
+  transfer();
+}
+
+void ExpertExchange::wait() {
+  if (side_) side_->join();
 }
 
 void ExpertExchange::check_tokens(int64_t tokens, Device device) {
   if (tokens == tokens_) return;
-  const int P = comm_.size();
+  const int P = comm_->size();
   Tensor mine = Tensor::from_vector(std::vector<int64_t>{tokens}, {1}, device);
   Tensor all = Tensor::empty({P}, DType::i64, device);
-  comm_.all_gather(mine, all);
+  comm_->all_gather(mine, all);
   const std::vector<int64_t> counts = all.to_vector<int64_t>();
   for (int p = 0; p < P; ++p) {
     FLASHMOE_CHECK(counts[p] == tokens, "rank " << p << " holds " << counts[p]
-                                                << " tokens and rank " << comm_.rank() << " "
+                                                << " tokens and rank " << comm_->rank() << " "
                                                 << tokens
                                                 << ", expected as many on every rank (expert "
                                                    "parallelism exchanges fixed-size blocks)");
@@ -32,23 +49,30 @@ void ExpertExchange::check_tokens(int64_t tokens, Device device) {
 
 void ExpertExchange::gather(const Tensor& send, Tensor& recv) {
   Shape shape = send.shape();
-  shape[0] *= comm_.size();
+  shape[0] *= comm_->size();
   ensure(recv, shape, send.dtype(), send.device());
-  comm_.all_gather(send, recv);
+  comm_->all_gather(send, recv);
 }
 
 void ExpertExchange::scatter_sum(const Tensor& partials, Tensor& out) {
   Shape shape = partials.shape();
   shape[0] = tokens_;
   ensure(out, shape, partials.dtype(), partials.device());
-  comm_.reduce_scatter_sum(partials, out);
+  comm_->reduce_scatter_sum(partials, out);
 }
 
-const ExpertRows& ExpertExchange::dispatch(const Tensor& x, const Tensor& ids,
-                                           const Tensor& gates) {
+void ExpertExchange::start_dispatch(const Tensor& x) {
   check_tokens(x.size(0), x.device());
-  gather(x, owned_.x);
+  beside([&] { gather(x, owned_.x); });
+}
+
+const ExpertRows& ExpertExchange::dispatch(const Tensor& ids, const Tensor& gates) {
+  FLASHMOE_CHECK(ids.defined() && ids.size(0) == tokens_, "dispatch of routing for "
+                                                              << (ids.defined() ? ids.size(0) : 0)
+                                                              << " tokens, expected the " << tokens_
+                                                              << " of start_dispatch");
   detail::pack_routing(ids, gates, routing_);
+  wait();  // the routing follows x on the exchange's communicator
   gather(routing_, gathered_routing_);
   detail::own_routing(gathered_routing_, first_expert_, local_experts_, owned_.ids, owned_.gates);
   return owned_;
@@ -63,8 +87,8 @@ const Tensor& ExpertExchange::dispatch_grad(const Tensor& dy) {
 
 void ExpertExchange::combine_grad(const Tensor& partial_dx, const Tensor& owned_dgates, Tensor& dx,
                                   Tensor& dgates) {
-  scatter_sum(partial_dx, dx);
   scatter_sum(owned_dgates, dgates);
+  beside([&] { scatter_sum(partial_dx, dx); });
 }
 
 }  // namespace flashmoe

@@ -25,13 +25,24 @@
 // results repeat bit for bit. Every rank must hold as many tokens; the ranks' counts
 // are compared (one host synchronisation) only when this rank's T changes (every rank
 // changes on the same call: the data loader gives every rank as many tokens).
-// Otherwise the four steps only queue device work and communication on the current
-// stream, so a warmed-up layer can be captured in a CUDA graph. Every rank calls the
-// four steps together and in order (they are collectives).
+// Otherwise the steps only queue device work and communication, so a warmed-up layer
+// can be captured in a CUDA graph. Every rank calls the steps together and in order
+// (they are collectives).
+//
+// Overlap. The exchange has its own duplicate of the layer's communicator, so its
+// transfers are ordered apart from the layer's other collectives (the batchnorm
+// statistics), and on the GPU a high-priority side stream. Two transfers run there,
+// beside the work that does not need them: the all-gather of x, started as the layer
+// begins, beside the norm and the router (whose routing it does not need); and the
+// reduce-scatter of dx, beside the router's backward (which needs only dgates). The
+// caller joins them: dispatch() waits for x itself, and wait() must come before dx is
+// read.
 #pragma once
 
 #include <cstdint>
+#include <memory>
 
+#include "core/stream.h"
 #include "core/tensor.h"
 #include "parallel/communicator.h"
 
@@ -44,24 +55,34 @@ struct ExpertRows {
 
 class ExpertExchange {
  public:
-  // Throws unless num_experts is a multiple of the world size.
-  ExpertExchange(Communicator& comm, int64_t num_experts);
+  // Throws unless num_experts is a multiple of the world size. `device` holds the
+  // tensors exchanged.
+  ExpertExchange(const Communicator& comm, int64_t num_experts, Device device);
 
   int64_t first_expert() const { return first_expert_; }
   int64_t local_experts() const { return local_experts_; }
 
-  // x [T, D] and the routing ids, gates [T, S] of this rank's tokens -> the rows this
-  // rank computes with its shard of the tables.
-  const ExpertRows& dispatch(const Tensor& x, const Tensor& ids, const Tensor& gates);
+  // Forward, the first two steps: x [T, D] of this rank's tokens starts on its way to
+  // every owner; then their routing ids, gates [T, S] -> the rows this rank computes
+  // with its shard of the tables.
+  void start_dispatch(const Tensor& x);
+  const ExpertRows& dispatch(const Tensor& ids, const Tensor& gates);
   // Partial y [R, D] of the owned rows -> y [T, D] of this rank's tokens.
   void combine(const Tensor& partial_y, Tensor& y);
   // dy [T, D] -> the owned rows' dy [R, D].
   const Tensor& dispatch_grad(const Tensor& dy);
-  // The owned rows' dx partials [R, D] and dgates [R, S] -> dx [T, D], dgates [T, S].
+  // The owned rows' dx partials [R, D] and dgates [R, S] -> dgates [T, S], ready on
+  // return, and dx [T, D], summed beside the caller's next work: wait() before reading
+  // dx. The partials must stay unchanged until then.
   void combine_grad(const Tensor& partial_dx, const Tensor& owned_dgates, Tensor& dx,
                     Tensor& dgates);
+  // The current stream waits for the transfers started beside it.
+  void wait();
 
  private:
+  // Queues `transfer` on the side stream, after what the current stream has queued.
+  template <class Transfer>
+  void beside(Transfer transfer);
   // Checks, when T changes, that every rank holds T tokens.
   void check_tokens(int64_t tokens, Device device);
   // send [T, ...] -> recv [P T, ...], every rank's rows.
@@ -69,7 +90,8 @@ class ExpertExchange {
   // partials [P T, ...] -> out [T, ...], summed over the owners.
   void scatter_sum(const Tensor& partials, Tensor& out);
 
-  Communicator& comm_;
+  std::unique_ptr<Communicator> comm_;
+  std::unique_ptr<SideStream> side_;  // GPU only
   int64_t first_expert_, local_experts_;
   int64_t tokens_ = -1;
   ExpertRows owned_;

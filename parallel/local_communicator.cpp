@@ -89,6 +89,9 @@ class LocalCommunicator final : public Communicator {
     recv.copy_from(send);
   }
   void barrier() override {}
+  std::unique_ptr<Communicator> duplicate() const override {
+    return std::make_unique<LocalCommunicator>();
+  }
 };
 }  // namespace
 

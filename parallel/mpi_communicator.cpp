@@ -40,10 +40,16 @@ int to_int(int64_t value, const char* what) {
 
 class MpiCommunicator final : public Communicator {
  public:
-  explicit MpiCommunicator(MPI_Comm comm) : comm_(comm) {
+  // Owns (and frees) `comm` when `owned`: the duplicates this class makes.
+  MpiCommunicator(MPI_Comm comm, bool owned) : comm_(comm), owned_(owned) {
     MPI_CHECK(MPI_Comm_rank(comm_, &rank_));
     MPI_CHECK(MPI_Comm_size(comm_, &size_));
   }
+  ~MpiCommunicator() override {
+    if (owned_) MPI_Comm_free(&comm_);
+  }
+  MpiCommunicator(const MpiCommunicator&) = delete;
+  MpiCommunicator& operator=(const MpiCommunicator&) = delete;
   int rank() const override { return rank_; }
   int size() const override { return size_; }
 
@@ -103,6 +109,12 @@ class MpiCommunicator final : public Communicator {
 
   void barrier() override { MPI_CHECK(MPI_Barrier(comm_)); }
 
+  std::unique_ptr<Communicator> duplicate() const override {
+    MPI_Comm copy;
+    MPI_CHECK(MPI_Comm_dup(comm_, &copy));
+    return std::make_unique<MpiCommunicator>(copy, /*owned=*/true);
+  }
+
  private:
   // out = blocks[0] + blocks[1] + ..., the P blocks of out's shape added in rank order,
   // rounded to the storage type after each addition.
@@ -113,13 +125,14 @@ class MpiCommunicator final : public Communicator {
   }
 
   MPI_Comm comm_;
+  bool owned_;
   int rank_ = 0, size_ = 1;
 };
 
 }  // namespace
 
 std::unique_ptr<Communicator> make_mpi_communicator(MPI_Comm comm) {
-  return std::make_unique<MpiCommunicator>(comm);
+  return std::make_unique<MpiCommunicator>(comm, /*owned=*/false);
 }
 
 void select_rank_device(int world_rank) {

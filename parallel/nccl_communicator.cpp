@@ -28,7 +28,14 @@ class NcclCommunicator final : public Communicator {
     MPI_CHECK(MPI_Bcast(&id, sizeof id, MPI_BYTE, 0, comm));
     NCCL_CHECK(ncclCommInitRank(&comm_, size_, id, rank_));
   }
+  // Takes ownership of `comm`, a split of another communicator.
+  explicit NcclCommunicator(ncclComm_t comm) : comm_(comm) {
+    NCCL_CHECK(ncclCommUserRank(comm_, &rank_));
+    NCCL_CHECK(ncclCommCount(comm_, &size_));
+  }
   ~NcclCommunicator() override { ncclCommDestroy(comm_); }
+  NcclCommunicator(const NcclCommunicator&) = delete;
+  NcclCommunicator& operator=(const NcclCommunicator&) = delete;
 
   int rank() const override { return rank_; }
   int size() const override { return size_; }
@@ -88,6 +95,13 @@ class NcclCommunicator final : public Communicator {
     if (!barrier_flag_.defined()) barrier_flag_ = Tensor::zeros({1}, DType::f32, Device::cuda);
     all_reduce_sum(barrier_flag_);
     synchronize_stream();
+  }
+
+  // Every rank in one colour, keyed by its rank: the same ranks in the same order.
+  std::unique_ptr<Communicator> duplicate() const override {
+    ncclComm_t copy = nullptr;
+    NCCL_CHECK(ncclCommSplit(comm_, 0, rank_, &copy, nullptr));
+    return std::make_unique<NcclCommunicator>(copy);
   }
 
  private:

@@ -45,6 +45,7 @@ Trainer::Trainer(const RunConfig& config, Communicator& comm)
       data_(config, comm.rank(), comm.size()) {
   model_ = std::make_unique<Model>(config.model, config.moe, device_,
                                    storage_dtype(config.train.precision), config.train.seed, &comm);
+  bucket_replicated_gradients();
   optimizer_ = std::make_unique<AdamW>(config.optim, config.train.steps, model_->parameters());
   stager_ = std::make_unique<TokenStager>(device_);
   loss_sum_ = Tensor::zeros({}, DType::f32, device_);
@@ -123,32 +124,40 @@ void Trainer::train_step() {
 }
 
 // Each rank's gradients of the replicated parameters cover its own tokens (already
-// scaled by the global token count); expert shards are complete on their owner. The
-// replicated gradients are packed into one flat fp32 bucket (allocated on the first
-// step), summed by one all-reduce and unpacked: copies on the current stream, so the
-// step stays free of host synchronisation. The packing order is the parameters' order.
-void Trainer::sum_replicated_gradients() {
+// scaled by the global token count); expert shards are complete on their owner. With
+// P > 1 the replicated gradients live in one flat fp32 bucket, in the parameters'
+// order, from the start: the backward writes into it and one all-reduce sums it in
+// place, with no copies in or out.
+void Trainer::bucket_replicated_gradients() {
   if (comm_.size() == 1) return;
-  std::vector<Parameter*> replicated;
   int64_t total = 0;
   for (Parameter* p : model_->parameters()) {
     if (p->expert_table) continue;
     expect_dtype(p->grad, DType::f32, "replicated gradient");
-    replicated.push_back(p);
+    replicated_.push_back(p);
     total += p->grad.numel();
   }
-  ensure(grad_bucket_, {total}, DType::f32, device_);
+  grad_bucket_ = Tensor::zeros({total}, DType::f32, device_);
   int64_t at = 0;
-  for (Parameter* p : replicated) {
-    grad_bucket_.rows(at, at + p->grad.numel()).view(p->grad.shape()).copy_from(p->grad);
+  for (Parameter* p : replicated_) {
+    Tensor view = grad_bucket_.rows(at, at + p->grad.numel()).view(p->grad.shape());
+    view.copy_from(p->grad);
+    p->grad = view;
+    at += p->grad.numel();
+  }
+}
+
+void Trainer::sum_replicated_gradients() {
+  if (comm_.size() == 1) return;
+  int64_t at = 0;
+  for (const Parameter* p : replicated_) {
+    FLASHMOE_CHECK(p->grad.raw() == grad_bucket_.rows(at, at + 1).raw(),
+                   "gradient of " << p->name
+                                  << " was reallocated, expected it to stay in the all-reduce "
+                                     "bucket (ops must write gradients in place)");
     at += p->grad.numel();
   }
   comm_.all_reduce_sum(grad_bucket_);
-  at = 0;
-  for (Parameter* p : replicated) {
-    p->grad.copy_from(grad_bucket_.rows(at, at + p->grad.numel()).view(p->grad.shape()));
-    at += p->grad.numel();
-  }
 }
 
 StepLog Trainer::log_step(std::chrono::steady_clock::time_point since, int64_t steps_since) {

@@ -52,6 +52,7 @@ class Trainer {
  private:
   void resume_if_asked();
   void train_step();
+  void bucket_replicated_gradients();
   void sum_replicated_gradients();
   StepLog log_step(std::chrono::steady_clock::time_point since, int64_t steps_since);
   void report_step(const StepLog& log);
@@ -68,8 +69,10 @@ class Trainer {
   std::unique_ptr<AdamW> optimizer_;
   DataLoader data_;
   int64_t step_ = 0, tokens_seen_ = 0;
-  Tensor loss_sum_;     // scalar fp32 on the device: this step's loss, summed over micro-batches
-  Tensor grad_bucket_;  // fp32 [every replicated gradient's elements], P > 1 only
+  Tensor loss_sum_;  // scalar fp32 on the device: this step's loss, summed over micro-batches
+  // P > 1: the replicated parameters, whose gradients are views of one fp32 bucket.
+  std::vector<Parameter*> replicated_;
+  Tensor grad_bucket_;
   std::unique_ptr<class TokenStager> stager_;  // host batches -> device, asynchronously
   std::vector<StepLog> history_;
   std::FILE* jsonl_ = nullptr;

@@ -285,6 +285,9 @@ class MirroredRankCommunicator final : public Communicator {
     FLASHMOE_FAIL("not used by the optimizer");
   }
   void barrier() override { FLASHMOE_FAIL("not used by the optimizer"); }
+  std::unique_ptr<Communicator> duplicate() const override {
+    FLASHMOE_FAIL("not used by the optimizer");
+  }
   int all_reduces = 0;
   int64_t reduced_numel = 0;
 };
