@@ -51,4 +51,17 @@ class SideStream {
   cudaEvent_t forked_ = nullptr, joined_ = nullptr;
 };
 
+// Queues `work` on `side`, after what the current stream has queued so far; without a
+// side stream (the CPU backend) runs it here and now.
+template <class Work>
+void run_beside(SideStream* side, Work&& work) {
+  if (!side) {
+    work();
+    return;
+  }
+  side->fork();
+  StreamScope on_side(side->stream());
+  work();
+}
+
 }  // namespace flashmoe

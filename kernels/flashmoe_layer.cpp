@@ -86,7 +86,10 @@ void FlashMoELayer::backward_norm(const Tensor& dxn) {
 
 // The shared branch runs on the side stream from the point of fork_shared_branch(), so
 // that its GEMMs can fill what the routed branch leaves idle. The routed branch is
-// queued first: the GPU starts on it while the host is still queueing the GEMMs.
+// queued first: the GPU starts on it while the host is still queueing the GEMMs. The
+// forward forks at its start on one rank, but with P ranks after the experts: the
+// GEMMs then run beside the combine, whose transfer leaves most SMs idle, rather than
+// beside the expert kernels, which need every SM themselves.
 void FlashMoELayer::fork_shared_branch() {
   if (side_ && config_.shared_intermediate > 0) side_->fork();
 }
@@ -121,6 +124,7 @@ void FlashMoELayer::routed_forward(const Tensor& ids, const Tensor& gates) {
   const ExpertRows& owned = exchange_->dispatch(ids, gates);
   expert_in_ = expert_inputs(owned.x, owned.ids, owned.gates);
   experts_forward(expert_in_, y_partial_, h_);
+  fork_shared_branch();
   exchange_->combine(y_partial_, y_routed_);
 }
 
@@ -143,8 +147,11 @@ const Tensor& FlashMoELayer::forward(const Tensor& x, bool training) {
   expect_device(x, device_, "layer input");
   const int64_t T = x.size(0), H = config_.heads, K = config_.top_k;
   x_ = x;
-  if (exchange_) exchange_->start_dispatch(x_);  // x travels while the router runs
-  fork_shared_branch();
+  if (exchange_) {
+    exchange_->start_dispatch(x_);  // x travels while the router runs
+  } else {
+    fork_shared_branch();
+  }
   forward_norm(training);
   // fp32 logits even with bf16 storage: bf16 would tie many keys, and the tie rule
   // (smaller id first) would then bias the selection toward low expert ids.

@@ -15,17 +15,6 @@ ExpertExchange::ExpertExchange(const Communicator& comm, int64_t num_experts, De
   if (device == Device::cuda) side_ = std::make_unique<SideStream>(StreamPriority::high);
 }
 
-template <class Transfer>
-void ExpertExchange::beside(Transfer transfer) {
-  if (!side_) {
-    transfer();
-    return;
-  }
-  side_->fork();
-  StreamScope on_side(side_->stream());
-  transfer();
-}
-
 void ExpertExchange::wait() {
   if (side_) side_->join();
 }
@@ -63,7 +52,7 @@ void ExpertExchange::scatter_sum(const Tensor& partials, Tensor& out) {
 
 void ExpertExchange::start_dispatch(const Tensor& x) {
   check_tokens(x.size(0), x.device());
-  beside([&] { gather(x, owned_.x); });
+  run_beside(side_.get(), [&] { gather(x, owned_.x); });
 }
 
 const ExpertRows& ExpertExchange::dispatch(const Tensor& ids, const Tensor& gates) {
@@ -88,7 +77,7 @@ const Tensor& ExpertExchange::dispatch_grad(const Tensor& dy) {
 void ExpertExchange::combine_grad(const Tensor& partial_dx, const Tensor& owned_dgates, Tensor& dx,
                                   Tensor& dgates) {
   scatter_sum(owned_dgates, dgates);
-  beside([&] { scatter_sum(partial_dx, dx); });
+  run_beside(side_.get(), [&] { scatter_sum(partial_dx, dx); });
 }
 
 }  // namespace flashmoe

@@ -80,9 +80,6 @@ class ExpertExchange {
   void wait();
 
  private:
-  // Queues `transfer` on the side stream, after what the current stream has queued.
-  template <class Transfer>
-  void beside(Transfer transfer);
   // Checks, when T changes, that every rank holds T tokens.
   void check_tokens(int64_t tokens, Device device);
   // send [T, ...] -> recv [P T, ...], every rank's rows.

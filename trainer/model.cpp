@@ -215,6 +215,20 @@ std::vector<Parameter*> Model::parameters() {
   return out;
 }
 
+std::vector<std::vector<Parameter*>> Model::gradient_groups() {
+  std::vector<std::vector<Parameter*>> groups;
+  std::vector<Parameter*> group{&final_gain_};
+  for (auto it = blocks_.rbegin(); it != blocks_.rend(); ++it) {
+    for (Parameter* p : (*it)->parameters()) group.push_back(p);
+    groups.push_back(std::move(group));
+    group.clear();
+  }
+  group.push_back(&embed_);
+  if (pos_embed_.value.defined()) group.push_back(&pos_embed_);
+  groups.push_back(std::move(group));
+  return groups;
+}
+
 std::vector<FlashMoELayer*> Model::moe_layers() {
   std::vector<FlashMoELayer*> out;
   for (auto& block : blocks_) {
@@ -244,7 +258,8 @@ const Tensor& Model::forward_logits(const Tensor& tokens, bool training) {
   return logits_;
 }
 
-const Tensor& Model::forward_backward(const Tensor& tokens, double loss_scale, bool accumulate) {
+const Tensor& Model::forward_backward(const Tensor& tokens, double loss_scale, bool accumulate,
+                                      const GradientsReady& ready) {
   FLASHMOE_CHECK(std::isfinite(loss_scale) && loss_scale > 0,
                  "loss_scale is " << loss_scale << ", expected a positive finite number");
   forward_logits(tokens, /*training=*/true);
@@ -255,8 +270,10 @@ const Tensor& Model::forward_backward(const Tensor& tokens, double loss_scale, b
   rmsnorm_backward_into(final_input_, final_gain_, final_rstd_, dhidden_, dfinal_, gain_scratch_,
                         accumulate);
   const Tensor* d = &dfinal_;
+  size_t group = 0;  // gradient_groups(): one per block, last block first, then the tables
   for (auto it = blocks_.rbegin(); it != blocks_.rend(); ++it) {
     d = &(*it)->backward(*d, accumulate, attention_workspace_);
+    if (ready) ready(group++);
   }
   embedding_backward(inputs_, *d, embedding_workspace_, embed_.grad);
   if (pos_embed_.value.defined()) {
@@ -265,6 +282,7 @@ const Tensor& Model::forward_backward(const Tensor& tokens, double loss_scale, b
                       accumulate ? pos_scratch_ : pos_embed_.grad);
     if (accumulate) add_into(pos_scratch_, pos_embed_.grad);
   }
+  if (ready) ready(group);
   return loss_;
 }
 

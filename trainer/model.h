@@ -34,6 +34,7 @@
 // synchronise with the host, so a step can be captured in a CUDA graph.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -60,8 +61,12 @@ class Model {
   // parameter gradient is overwritten, or, with `accumulate`, added to (gradient
   // accumulation over micro-batches: pass false for the first, true for the others).
   // A token outside [0, vocab) is an error on the CPU and makes the loss NaN on the GPU
-  // (embedding.h), which the caller's NaN check reports.
-  const Tensor& forward_backward(const Tensor& tokens, double loss_scale, bool accumulate = false);
+  // (embedding.h), which the caller's NaN check reports. `ready(g)` is called as soon as
+  // the work that finishes group g of gradient_groups() is queued, g ascending, so the
+  // caller can start summing those gradients across ranks during the rest of the pass.
+  using GradientsReady = std::function<void(size_t group)>;
+  const Tensor& forward_backward(const Tensor& tokens, double loss_scale, bool accumulate = false,
+                                 const GradientsReady& ready = {});
 
   // Evaluation (batchnorm with running statistics, no gradients) of the targets where
   // target_mask [B, L] int32 is 1 (target_mask[b][i] belongs to target tokens[b][i + 1]):
@@ -70,6 +75,10 @@ class Model {
 
   // Every trainable parameter, in the order of the table above.
   std::vector<Parameter*> parameters();
+  // The same parameters grouped in the order the backward finishes their gradients:
+  // the last block's with final_norm.gain, each block down to block 0, then embed (and
+  // pos_embed), which the token lookup's gradient completes at the very end.
+  std::vector<std::vector<Parameter*>> gradient_groups();
   // The FlashMoE layers, in block order (batchnorm sync hooks, router statistics).
   std::vector<FlashMoELayer*> moe_layers();
 

@@ -112,12 +112,17 @@ void Trainer::train_step() {
   // The mean over every target of the global batch: per-rank sums add up to it.
   const double loss_scale = 1.0 / static_cast<double>(config_.train.batch_tokens);
   loss_sum_.fill_bytes(0);
+  Model::GradientsReady ready;
+  if (comm_.size() > 1) ready = [this](size_t group) { start_gradient_sum(group); };
   for (int64_t micro = 0; micro < accum; ++micro) {
     const Batch batch = data_.next_batch();
     const Tensor& tokens = stager_->stage(batch.tokens, batch.sequences, batch.seq_len + 1);
-    add_into(model_->forward_backward(tokens, loss_scale, /*accumulate=*/micro > 0), loss_sum_);
+    const bool last = micro + 1 == accum;
+    add_into(model_->forward_backward(tokens, loss_scale, /*accumulate=*/micro > 0,
+                                      last ? ready : Model::GradientsReady{}),
+             loss_sum_);
   }
-  sum_replicated_gradients();
+  finish_gradient_sums();
   optimizer_->step(comm_);
   ++step_;
   tokens_seen_ += config_.train.batch_tokens;
@@ -125,17 +130,24 @@ void Trainer::train_step() {
 
 // Each rank's gradients of the replicated parameters cover its own tokens (already
 // scaled by the global token count); expert shards are complete on their owner. With
-// P > 1 the replicated gradients live in one flat fp32 bucket, in the parameters'
-// order, from the start: the backward writes into it and one all-reduce sums it in
-// place, with no copies in or out.
+// P > 1 the replicated gradients live in one flat fp32 bucket from the start, group
+// after group in the order the backward finishes them: the backward writes into it,
+// and each group is summed in place by one all-reduce as soon as its block is done,
+// beside the backward of the blocks below it. No copies in or out.
 void Trainer::bucket_replicated_gradients() {
   if (comm_.size() == 1) return;
   int64_t total = 0;
-  for (Parameter* p : model_->parameters()) {
-    if (p->expert_table) continue;
-    expect_dtype(p->grad, DType::f32, "replicated gradient");
-    replicated_.push_back(p);
-    total += p->grad.numel();
+  for (const std::vector<Parameter*>& group : model_->gradient_groups()) {
+    GradientGroup g{replicated_.size(), 0, total, 0};
+    for (Parameter* p : group) {
+      if (p->expert_table) continue;
+      expect_dtype(p->grad, DType::f32, "replicated gradient");
+      replicated_.push_back(p);
+      total += p->grad.numel();
+    }
+    g.last = replicated_.size();
+    g.end = total;
+    gradient_groups_.push_back(g);
   }
   grad_bucket_ = Tensor::zeros({total}, DType::f32, device_);
   int64_t at = 0;
@@ -145,19 +157,31 @@ void Trainer::bucket_replicated_gradients() {
     p->grad = view;
     at += p->grad.numel();
   }
+  grad_comm_ = comm_.duplicate();
+  if (device_ == Device::cuda) grad_side_ = std::make_unique<SideStream>(StreamPriority::high);
 }
 
-void Trainer::sum_replicated_gradients() {
-  if (comm_.size() == 1) return;
-  int64_t at = 0;
-  for (const Parameter* p : replicated_) {
-    FLASHMOE_CHECK(p->grad.raw() == grad_bucket_.rows(at, at + 1).raw(),
-                   "gradient of " << p->name
+void Trainer::start_gradient_sum(size_t group) {
+  FLASHMOE_CHECK(group < gradient_groups_.size(),
+                 "gradient group " << group << " is ready, expected < " << gradient_groups_.size());
+  const GradientGroup& g = gradient_groups_[group];
+  int64_t at = g.begin;
+  for (size_t i = g.first; i < g.last; ++i) {
+    FLASHMOE_CHECK(replicated_[i]->grad.raw() == grad_bucket_.rows(at, at + 1).raw(),
+                   "gradient of " << replicated_[i]->name
                                   << " was reallocated, expected it to stay in the all-reduce "
                                      "bucket (ops must write gradients in place)");
-    at += p->grad.numel();
+    at += replicated_[i]->grad.numel();
   }
-  comm_.all_reduce_sum(grad_bucket_);
+  if (g.begin == g.end) return;
+  run_beside(grad_side_.get(), [&] {
+    Tensor part = grad_bucket_.rows(g.begin, g.end);
+    grad_comm_->all_reduce_sum(part);
+  });
+}
+
+void Trainer::finish_gradient_sums() {
+  if (grad_side_) grad_side_->join();
 }
 
 StepLog Trainer::log_step(std::chrono::steady_clock::time_point since, int64_t steps_since) {

@@ -2,8 +2,9 @@
 // on any backend and communicator (the loop knows neither).
 //
 // One step: grad_accum micro-batches of this rank's shard (forward and backward,
-// gradients accumulated), the data-parallel sum of replicated gradients, one AdamW
-// update. The host waits for the device only at log, eval and checkpoint intervals.
+// gradients accumulated), the data-parallel sum of replicated gradients (started block
+// by block during the last backward), one AdamW update. The host waits for the device
+// only at log, eval and checkpoint intervals.
 #pragma once
 
 #include <atomic>
@@ -13,6 +14,7 @@
 #include <optional>
 
 #include "core/config.h"
+#include "core/stream.h"
 #include "optim/adamw.h"
 #include "parallel/communicator.h"
 #include "trainer/checkpoint.h"
@@ -53,7 +55,8 @@ class Trainer {
   void resume_if_asked();
   void train_step();
   void bucket_replicated_gradients();
-  void sum_replicated_gradients();
+  void start_gradient_sum(size_t group);
+  void finish_gradient_sums();
   StepLog log_step(std::chrono::steady_clock::time_point since, int64_t steps_since);
   void report_step(const StepLog& log);
   void report_eval(const EvalLog& eval);
@@ -70,9 +73,18 @@ class Trainer {
   DataLoader data_;
   int64_t step_ = 0, tokens_seen_ = 0;
   Tensor loss_sum_;  // scalar fp32 on the device: this step's loss, summed over micro-batches
-  // P > 1: the replicated parameters, whose gradients are views of one fp32 bucket.
+  // P > 1: the replicated parameters, whose gradients are views of one fp32 bucket
+  // laid out by Model::gradient_groups(), summed group by group on their own
+  // communicator and (GPU) stream.
+  struct GradientGroup {
+    size_t first, last;  // replicated_[first, last)
+    int64_t begin, end;  // grad_bucket_ elements
+  };
   std::vector<Parameter*> replicated_;
+  std::vector<GradientGroup> gradient_groups_;
   Tensor grad_bucket_;
+  std::unique_ptr<Communicator> grad_comm_;
+  std::unique_ptr<SideStream> grad_side_;
   std::unique_ptr<class TokenStager> stager_;  // host batches -> device, asynchronously
   std::vector<StepLog> history_;
   std::FILE* jsonl_ = nullptr;
