@@ -206,7 +206,10 @@ const Tensor& FlashMoELayer::backward(const Tensor& dy) {
 
 RouterStats FlashMoELayer::stats() {
   FLASHMOE_CHECK(routing_.expert_ids.defined(), "router statistics requested before forward");
-  return router_stats(routing_.expert_ids, routing_.gates, config_.num_experts, stats_workspace_);
+  RouterStats stats =
+      router_stats(routing_.expert_ids, routing_.gates, config_.num_experts, stats_workspace_);
+  if (exchange_) stats.shard_imbalance = exchange_->load_imbalance();
+  return stats;
 }
 
 }  // namespace flashmoe

@@ -50,7 +50,8 @@ class FlashMoELayer {
   std::vector<Parameter*> parameters();
   const Tensor& router_logits() const { return logits_; }  // [T, H, 2, N] fp32
   const RouterOutputs& routing() const { return routing_; }
-  RouterStats stats();                           // synchronises: for log intervals
+  // Synchronises: for log intervals. With P > 1 a collective (shard_imbalance).
+  RouterStats stats();
   BatchNorm& batchnorm() { return batchnorm_; }  // its `sync` hook syncs statistics across ranks
 
   int64_t num_experts() const { return config_.num_experts; }  // all ranks' experts

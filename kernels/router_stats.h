@@ -11,6 +11,9 @@ namespace flashmoe {
 struct RouterStats {
   double fraction_used = 0;
   double gate_entropy = 0;
+  // Expert parallelism (FlashMoELayer::stats): the busiest rank's share of the filled
+  // expert slots over the mean share (ExpertExchange::load_imbalance); 1 on one rank.
+  double shard_imbalance = 1;
 };
 
 // ids, gates [T, H, K]; E experts. `workspace` is reused between calls.

@@ -1,5 +1,6 @@
 #include "parallel/expert_parallel.h"
 
+#include <algorithm>
 #include <vector>
 
 namespace flashmoe {
@@ -65,6 +66,21 @@ const ExpertRows& ExpertExchange::dispatch(const Tensor& ids, const Tensor& gate
   gather(routing_, gathered_routing_);
   detail::own_routing(gathered_routing_, first_expert_, local_experts_, owned_.ids, owned_.gates);
   return owned_;
+}
+
+double ExpertExchange::load_imbalance() {
+  FLASHMOE_CHECK(owned_.ids.defined(), "expert load imbalance requested before any dispatch");
+  const int P = comm_->size();
+  Tensor mine, all = Tensor::empty({P}, DType::f64, owned_.ids.device());
+  detail::count_filled(owned_.ids, mine, count_workspace_);
+  comm_->all_gather(mine, all);
+  const std::vector<double> filled = all.to_vector<double>();
+  double most = 0, total = 0;
+  for (double f : filled) {
+    most = std::max(most, f);
+    total += f;
+  }
+  return total > 0 ? most * P / total : 1.0;
 }
 
 void ExpertExchange::combine(const Tensor& partial_y, Tensor& y) { scatter_sum(partial_y, y); }

@@ -1,6 +1,7 @@
 // The routing's packing for the expert-parallel dispatch (parallel/expert_parallel.h),
 // one body for the CPU and the GPU.
 #include "core/bf16.h"
+#include "kernels/column_sum.cuh"
 #include "kernels/op_utils.cuh"
 #include "parallel/expert_parallel.h"
 
@@ -35,6 +36,11 @@ struct OwnRouting {
   }
 };
 
+struct FilledSlot {
+  const int32_t* ids;
+  FLASHMOE_HD double operator()(int64_t i, int64_t) const { return ids[i] >= 0 ? 1.0 : 0.0; }
+};
+
 }  // namespace
 
 void pack_routing(const Tensor& ids, const Tensor& gates, Tensor& routing) {
@@ -57,6 +63,13 @@ void own_routing(const Tensor& gathered, int64_t first_expert, int64_t local_exp
                  OwnRouting{gathered.data<int32_t>(), S, first_expert, local_experts,
                             ids.data<int32_t>(), gates.data<float>()},
                  "own_routing");
+}
+
+void count_filled(const Tensor& ids, Tensor& count, Tensor& workspace) {
+  expect_dtype(ids, DType::i32, "expert ids");
+  ensure(count, {1}, DType::f64, ids.device());
+  column_sum<double>(ids.device(), FilledSlot{ids.data<int32_t>()}, ids.numel(), 1,
+                     count.data<double>(), workspace);
 }
 
 }  // namespace flashmoe::detail

@@ -79,6 +79,11 @@ class ExpertExchange {
   // The current stream waits for the transfers started beside it.
   void wait();
 
+  // Balance of the last dispatch: the most filled slots an owner received, over the
+  // mean over owners (1: balanced; P: one owner computes everything). Every rank calls
+  // it (a collective); it synchronises, so call it at log intervals.
+  double load_imbalance();
+
  private:
   // Checks, when T changes, that every rank holds T tokens.
   void check_tokens(int64_t tokens, Device device);
@@ -93,7 +98,7 @@ class ExpertExchange {
   int64_t tokens_ = -1;
   ExpertRows owned_;
   // Reused buffers.
-  Tensor routing_, gathered_routing_, owned_dy_;
+  Tensor routing_, gathered_routing_, owned_dy_, count_workspace_;
 };
 
 namespace detail {
@@ -104,6 +109,8 @@ void pack_routing(const Tensor& ids, const Tensor& gates, Tensor& routing);
 // for the others.
 void own_routing(const Tensor& gathered, int64_t first_expert, int64_t local_experts, Tensor& ids,
                  Tensor& gates);
+// count [1] fp64 = the slots of ids (any shape, int32) that are filled (id >= 0).
+void count_filled(const Tensor& ids, Tensor& count, Tensor& workspace);
 }  // namespace detail
 
 }  // namespace flashmoe

@@ -196,8 +196,13 @@ StepLog Trainer::log_step(std::chrono::steady_clock::time_point since, int64_t s
   log.tokens_per_second = seconds > 0 ? steps_since * config_.train.batch_tokens / seconds : 0;
   log.eta_seconds = steps_since ? seconds / steps_since * (config_.train.steps - step_) : 0;
   double used = 0;
+  log.shard_imbalance = 1;
   std::vector<FlashMoELayer*> layers = model_->moe_layers();
-  for (FlashMoELayer* layer : layers) used += layer->stats().fraction_used;
+  for (FlashMoELayer* layer : layers) {
+    const RouterStats stats = layer->stats();
+    used += stats.fraction_used;
+    log.shard_imbalance = std::max(log.shard_imbalance, stats.shard_imbalance);
+  }
   log.experts_used = layers.empty() ? 0 : used / layers.size();
   FLASHMOE_CHECK(std::isfinite(log.loss),
                  "loss is " << log.loss << " at step " << step_
@@ -257,17 +262,22 @@ void Trainer::write_jsonl(const std::string& line) {
 
 void Trainer::report_step(const StepLog& log) {
   history_.push_back(log);
+  // Expert parallelism: how much more the busiest rank's experts compute than the mean.
+  std::ostringstream shards;
+  if (comm_.size() > 1) shards << " | shard load max/mean " << log.shard_imbalance;
   FLASHMOE_LOG(info, "step " << log.step << "/" << config_.train.steps << " | loss " << log.loss
                              << " | lr " << log.lr << " | grad norm " << log.grad_norm << " | "
                              << static_cast<int64_t>(log.tokens_per_second)
-                             << " tok/s | experts used " << 100 * log.experts_used << "% | ETA "
-                             << format_duration(log.eta_seconds));
+                             << " tok/s | experts used " << 100 * log.experts_used << "%"
+                             << shards.str() << " | ETA " << format_duration(log.eta_seconds));
   std::ostringstream json;
   json.precision(9);
   json << "{\"step\": " << log.step << ", \"loss\": " << log.loss << ", \"lr\": " << log.lr
        << ", \"grad_norm\": " << log.grad_norm
        << ", \"tokens_per_second\": " << log.tokens_per_second
-       << ", \"experts_used\": " << log.experts_used << "}";
+       << ", \"experts_used\": " << log.experts_used;
+  if (comm_.size() > 1) json << ", \"shard_imbalance\": " << log.shard_imbalance;
+  json << "}";
   write_jsonl(json.str());
 }
 

@@ -26,6 +26,7 @@ namespace flashmoe {
 struct StepLog {
   int64_t step;
   double loss, lr, grad_norm, tokens_per_second, experts_used, eta_seconds;
+  double shard_imbalance;  // the FlashMoE layers' worst RouterStats::shard_imbalance
 };
 
 struct EvalLog {

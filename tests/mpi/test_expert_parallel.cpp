@@ -4,6 +4,8 @@
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include <functional>
+
 #include "parallel/expert_parallel.h"
 #include "parallel/mpi_communicator.h"
 #include "tests/layer_compare.h"
@@ -182,6 +184,49 @@ TEST(Collectives, AllGatherAndReduceScatterOnGpus) {
   std::unique_ptr<Communicator> host = make_mpi_communicator(MPI_COMM_WORLD);
   if (gpus < host->size()) GTEST_SKIP() << "needs one GPU per rank, " << gpus << " found";
   expect_gather_and_reduce_scatter(nccl_communicator(), Device::cuda);
+}
+
+// Every rank routes every slot to expert `target(t, s)` (-1: empty) of a table of 4
+// experts per rank; returns the exchange's load imbalance.
+double imbalance_of(Communicator& comm, Device device,
+                    const std::function<int32_t(int64_t, int64_t)>& target) {
+  const int64_t P = comm.size(), T = P, S = 3;
+  std::vector<int32_t> ids(T * S);
+  for (int64_t i = 0; i < T * S; ++i) ids[i] = target(i / S, i % S);
+  ExpertExchange exchange(comm, 4 * P, device);
+  exchange.start_dispatch(Tensor::zeros({T, 2}, DType::f32, device));
+  exchange.dispatch(Tensor::from_vector(ids, {T, S}, device),
+                    Tensor::zeros({T, S}, DType::f32, device));
+  return exchange.load_imbalance();
+}
+
+void expect_load_imbalance(Communicator& comm, Device device) {
+  const int P = comm.size();
+  // Slot s < 2 of token t on owner (2 t + s) mod P (T = P tokens: every owner gets
+  // two slots of every rank); slot 2 empty.
+  EXPECT_DOUBLE_EQ(imbalance_of(comm, device,
+                                [&](int64_t t, int64_t s) {
+                                  return s == 2 ? -1 : static_cast<int32_t>(4 * ((2 * t + s) % P));
+                                }),
+                   1.0);
+  // Every filled slot on owner 0's expert 1: it computes everything.
+  EXPECT_DOUBLE_EQ(imbalance_of(comm, device, [](int64_t, int64_t s) { return s == 2 ? -1 : 1; }),
+                   double(P));
+}
+
+TEST(ExpertParallelConfig, LoadImbalanceComparesOwnersFilledSlots) {
+  std::unique_ptr<Communicator> comm = make_mpi_communicator(MPI_COMM_WORLD);
+  if (comm->size() == 1) GTEST_SKIP() << "needs more than one rank";
+  expect_load_imbalance(*comm, Device::cpu);
+}
+
+TEST(ExpertParallelConfig, LoadImbalanceComparesOwnersFilledSlotsOnGpus) {
+  FLASHMOE_REQUIRE_GPU();
+  int gpus = 0;
+  CUDA_CHECK(cudaGetDeviceCount(&gpus));
+  std::unique_ptr<Communicator> host = make_mpi_communicator(MPI_COMM_WORLD);
+  if (host->size() == 1 || gpus < host->size()) GTEST_SKIP() << "needs 2+ ranks, one GPU each";
+  expect_load_imbalance(nccl_communicator(), Device::cuda);
 }
 
 // Every rank sees every rank's count, so every rank stops with the same error.
