@@ -239,6 +239,7 @@ void visit(V& v, MoeConfig& c) {
   v.choice("act", c.act);
   v.choice("router_norm", c.router_norm);
   v.boolean("norm_topk_prob", c.norm_topk_prob);
+  v.real("balance_loss", c.balance_loss, Range{.lo = 0, .hi = 100});
   v.real("bn_momentum", c.bn_momentum, kUnitHalfOpen);
   v.real("bn_eps", c.bn_eps, kUnitOpen);
 }

@@ -51,6 +51,7 @@ struct MoeConfig {
   Activation act = Activation::silu;
   RouterNorm router_norm = RouterNorm::batchnorm;
   bool norm_topk_prob = false;
+  double balance_loss = 0;  // alpha of the router's load-balancing loss; 0: none
   double bn_momentum = 0.1;
   double bn_eps = 1e-5;
   bool operator==(const MoeConfig&) const = default;

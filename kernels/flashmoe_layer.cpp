@@ -30,7 +30,10 @@ FlashMoELayer::FlashMoELayer(int64_t dim, const MoeConfig& config, Device device
   // The layout of the whole table, so that every world size updates the same rows.
   expert_grad_layout_ =
       E * dim > kDenseExpertGradLimit ? GradLayout::row_sparse : GradLayout::dense;
+  FLASHMOE_CHECK(std::isfinite(config.balance_loss) && config.balance_loss >= 0,
+                 "moe.balance_loss is " << config.balance_loss << ", expected a finite value >= 0");
   if (comm && comm->size() > 1) {
+    comm_ = comm;
     exchange_ = std::make_unique<ExpertExchange>(*comm, E, device);
     batchnorm_.sync = [comm](Tensor& partial_sums) { comm->all_reduce_sum(partial_sums); };
   }
@@ -58,6 +61,19 @@ FlashMoELayer::FlashMoELayer(int64_t dim, const MoeConfig& config, Device device
   if (device == Device::cuda) side_ = std::make_unique<SideStream>();
   batchnorm_.momentum = static_cast<float>(config.bn_momentum);
   batchnorm_.eps = static_cast<float>(config.bn_eps);
+}
+
+void FlashMoELayer::set_loss_scale(double loss_scale) {
+  FLASHMOE_CHECK(std::isfinite(loss_scale) && loss_scale > 0,
+                 "loss scale is " << loss_scale << ", expected a finite value > 0");
+  loss_scale_ = loss_scale;
+}
+
+// The fractions f of kernels/router_balance.h, over every rank's tokens.
+void FlashMoELayer::count_key_usage() {
+  count_key_selections(routing_.expert_ids, num_keys_, key_counts_, key_fractions_);
+  if (comm_) comm_->all_reduce_sum(key_fractions_);
+  key_fractions(key_fractions_);
 }
 
 std::vector<Parameter*> FlashMoELayer::parameters() {
@@ -158,6 +174,8 @@ const Tensor& FlashMoELayer::forward(const Tensor& x, bool training) {
   linear_forward(xn_, w_router_.value, logits_rows_, DType::f32);
   logits_ = logits_rows_.view({T, H, 2, num_keys_});
   router_forward(logits_, static_cast<int>(K), config_.norm_topk_prob, routing_);
+  balancing_ = training && config_.balance_loss > 0;
+  if (balancing_) count_key_usage();
   routed_forward(routing_.expert_ids.view({T, H * K}), routing_.gates.view({T, H * K}));
   run_shared_branch([&] {
     linear_forward(x_, w_gate_up_.value, gate_up_);
@@ -180,6 +198,13 @@ const Tensor& FlashMoELayer::backward(const Tensor& dy) {
   const auto [dx_routed, dgates] = routed_backward(dy);
   ensure(dlogits_, logits_.shape(), DType::f32, device_);
   router_backward(logits_, routing_, dgates->view({T, H, K}), config_.norm_topk_prob, dlogits_);
+  if (balancing_) {
+    const double tokens = double(T) * (comm_ ? comm_->size() : 1);
+    const double scale = config_.balance_loss * num_keys_ / (2.0 * double(H)) *
+                         (loss_scale_ > 0 ? loss_scale_ : 1.0 / tokens);
+    balance_loss_backward(logits_, key_fractions_, scale, balance_buffers_, dlogits_,
+                          balance_loss_);
+  }
   Tensor dq = dlogits_.view({T, H * 2 * num_keys_});
   if (dtype_ != DType::f32) {
     ensure(dlogits_cast_, dq.shape(), dtype_, device_);

@@ -16,6 +16,12 @@
 // rank's share: the caller sums them across ranks. With P > 1 the exchange queues only
 // device work and communication (after the first call for a token count, which
 // exchanges the ranks' counts), so a warmed-up step can still be captured.
+//
+// Load balance: with moe.balance_loss = alpha > 0, a training forward counts the router's
+// key selections (summed over the ranks) and backward adds the gradient of the balance
+// loss of kernels/router_balance.h to the router's, with scale alpha N / (2H) times the
+// step's loss scale (set_loss_scale; by default 1 / the tokens of every rank, the mean
+// over the global batch), and writes its value for this rank's tokens (balance_loss).
 #pragma once
 
 #include <memory>
@@ -29,6 +35,7 @@
 #include "kernels/experts.h"
 #include "kernels/norm.h"
 #include "kernels/router.h"
+#include "kernels/router_balance.h"
 #include "kernels/router_stats.h"
 #include "parallel/expert_parallel.h"
 
@@ -48,6 +55,11 @@ class FlashMoELayer {
   const Tensor& backward(const Tensor& dy);
 
   std::vector<Parameter*> parameters();
+  // The scale of the loss this layer's output feeds (the model's loss_scale), which the
+  // balance loss takes too.
+  void set_loss_scale(double loss_scale);
+  // [] fp32 after a training backward with alpha > 0; undefined otherwise.
+  const Tensor& balance_loss() const { return balance_loss_; }
   const Tensor& router_logits() const { return logits_; }  // [T, H, 2, N] fp32
   const RouterOutputs& routing() const { return routing_; }
   // Synchronises: for log intervals. With P > 1 a collective (shard_imbalance).
@@ -69,6 +81,7 @@ class FlashMoELayer {
   void backward_norm(const Tensor& dxn);
   ExpertInputs expert_inputs(const Tensor& x, const Tensor& ids, const Tensor& gates) const;
   void routed_forward(const Tensor& ids, const Tensor& gates);
+  void count_key_usage();
   // Fills expert_grads_ and the tables' gradients; returns {dx, dgates} of this rank's
   // tokens.
   std::pair<const Tensor*, const Tensor*> routed_backward(const Tensor& dy);
@@ -88,6 +101,9 @@ class FlashMoELayer {
   BatchNorm batchnorm_;
   std::unique_ptr<SideStream> side_;          // the shared branch's stream (cuda only)
   std::unique_ptr<ExpertExchange> exchange_;  // P > 1 only
+  Communicator* comm_ = nullptr;              // P > 1 only
+  double loss_scale_ = 0;                     // 0: the default, 1 / global tokens
+  bool balancing_ = false;                    // the last forward counted key selections
 
   // Saved by forward for backward, and reused buffers.
   Tensor x_, xn_, rstd_, logits_rows_, logits_, gate_up_, hidden_, y_routed_, y_shared_, y_, h_;
@@ -98,6 +114,8 @@ class FlashMoELayer {
   Tensor dlogits_, dlogits_cast_, dxn_, dx_norm_, dhidden_, dgate_up_, dx_shared_, dx_;
   Tensor unused_gain_grad_, stats_workspace_;
   Tensor y_partial_, dx_routed_, dgates_routed_;  // expert parallelism
+  Tensor key_counts_, key_fractions_, balance_loss_;
+  BalanceLossBuffers balance_buffers_;
 };
 
 }  // namespace flashmoe

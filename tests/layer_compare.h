@@ -17,6 +17,7 @@ struct LayerCase {
   Activation act;
   RouterNorm norm;
   bool norm_topk;
+  double balance = 0;  // moe.balance_loss (the fp64 reference has none: layer-vs-layer only)
 };
 
 inline MoeConfig moe_config(const LayerCase& c) {
@@ -28,6 +29,7 @@ inline MoeConfig moe_config(const LayerCase& c) {
   m.act = c.act;
   m.router_norm = c.norm;
   m.norm_topk_prob = c.norm_topk;
+  m.balance_loss = c.balance;
   return m;
 }
 

@@ -262,6 +262,7 @@ const Tensor& Model::forward_backward(const Tensor& tokens, double loss_scale, b
                                       const GradientsReady& ready) {
   FLASHMOE_CHECK(std::isfinite(loss_scale) && loss_scale > 0,
                  "loss_scale is " << loss_scale << ", expected a positive finite number");
+  for (FlashMoELayer* layer : moe_layers()) layer->set_loss_scale(loss_scale);
   forward_logits(tokens, /*training=*/true);
   cross_entropy_forward_backward(logits_, targets_, loss_scale, cross_entropy_, loss_, dlogits_);
   // The tied table: first the head's gradient dlogits^T h, later the lookup's.
@@ -283,6 +284,9 @@ const Tensor& Model::forward_backward(const Tensor& tokens, double loss_scale, b
     if (accumulate) add_into(pos_scratch_, pos_embed_.grad);
   }
   if (ready) ready(group);
+  for (FlashMoELayer* layer : moe_layers()) {
+    if (layer->balance_loss().defined()) add_into(layer->balance_loss(), loss_);
+  }
   return loss_;
 }
 

@@ -8,6 +8,7 @@
 //     x_{l+1} = m_l + FFN_l(RMSNorm(m_l; g_ffn))
 //   logits  = RMSNorm(x_L; g_final) E^T      (the token table is tied with the output head)
 //   loss    = loss_scale * sum_t nll_t        (cross_entropy.h)
+//             + the FlashMoE layers' balance losses (moe.balance_loss > 0, at loss_scale)
 // RMSNorm: y = x / sqrt(mean(x^2) + model.norm_eps) * g. FFN_l: the FlashMoE layer when l is
 // in model.moe_layers, else a dense SwiGLU W_down (silu(W_gate x) * W_up x) with
 // W_gate_up = [W_gate; W_up] [2F, D], W_down [D, F], F = moe.shared_intermediate if > 0,

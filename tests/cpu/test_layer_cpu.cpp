@@ -20,6 +20,51 @@ TEST(LayerCpu, Fp32MatchesReference) {
   }
 }
 
+// With moe.balance_loss the router's gradients gain exactly the balance loss's: with no
+// router norm, dW_r += dq^T x and dx += dq W_r for the dq of kernels/router_balance.h on
+// the layer's own logits and selections, at the default scale alpha N / (2 H T).
+TEST(LayerCpu, BalanceLossAddsItsGradientThroughTheRouter) {
+  test::LayerCase c{13, 8, 4, 100, 2, 3, Activation::silu, RouterNorm::none, false};
+  const double alpha = 0.5;
+  const Tensor x = test::random_input({c.T, c.D}, DType::f32, Device::cpu, 21);
+  const Tensor dy = test::random_input({c.T, c.D}, DType::f32, Device::cpu, 22);
+  FlashMoELayer plain(c.D, test::moe_config(c), Device::cpu, DType::f32, 3, 0);
+  c.balance = alpha;
+  FlashMoELayer balanced(c.D, test::moe_config(c), Device::cpu, DType::f32, 3, 0);
+  plain.forward(x, true);
+  const std::vector<double> dx_plain = plain.backward(dy).to_doubles();
+  balanced.forward(x, true);
+  const std::vector<double> dx_balanced = balanced.backward(dy).to_doubles();
+  EXPECT_FALSE(plain.balance_loss().defined());
+
+  const int64_t N = balanced.num_keys(), R = c.H * 2 * N;
+  Tensor scratch, fractions, loss, dq = Tensor::zeros({c.T, c.H, 2, N}, DType::f32, Device::cpu);
+  BalanceLossBuffers buffers;
+  count_key_selections(balanced.routing().expert_ids, N, scratch, fractions);
+  key_fractions(fractions);
+  balance_loss_backward(balanced.router_logits(), fractions, alpha * N / (2.0 * c.H * c.T), buffers,
+                        dq, loss);
+  EXPECT_EQ(balanced.balance_loss().to_vector<float>(), loss.to_vector<float>());
+  const std::vector<double> q = dq.to_doubles(), xs = x.to_doubles(),
+                            w = balanced.parameters()[2]->value.to_doubles();
+  std::vector<double> dw(R * c.D, 0.0), dx(c.T * c.D, 0.0);
+  for (int64_t t = 0; t < c.T; ++t) {
+    for (int64_t r = 0; r < R; ++r) {
+      for (int64_t d = 0; d < c.D; ++d) {
+        dw[r * c.D + d] += q[t * R + r] * xs[t * c.D + d];
+        dx[t * c.D + d] += q[t * R + r] * w[r * c.D + d];
+      }
+    }
+  }
+  const std::vector<double> dw_plain = plain.parameters()[2]->grad.to_doubles(),
+                            dw_balanced = balanced.parameters()[2]->grad.to_doubles();
+  std::vector<double> dw_added(dw.size()), dx_added(dx.size());
+  for (size_t i = 0; i < dw.size(); ++i) dw_added[i] = dw_balanced[i] - dw_plain[i];
+  for (size_t i = 0; i < dx.size(); ++i) dx_added[i] = dx_balanced[i] - dx_plain[i];
+  EXPECT_LT(test::relative_error(dw_added, dw), 1e-4);
+  EXPECT_LT(test::relative_error(dx_added, dx), 1e-4);
+}
+
 TEST(LayerCpu, RouterStatsCountUsedExpertsAndEntropy) {
   // Two tokens, one head, K = 2 over E = 4: experts {0, 1} and {1, 3}.
   Tensor ids = Tensor::from_vector<int32_t>({0, 1, 1, 3}, {2, 1, 2}, Device::cpu);

@@ -101,6 +101,11 @@ void expect_matches_one_rank(const test::LayerCase& c, Device device, Communicat
                              all[i]->grad.rows(first_expert, first_expert + local_E).to_doubles()),
         kTolerance);
   }
+  if (c.balance > 0) {
+    EXPECT_LT(test::relative_error(summed(sharded.balance_loss(), host_comm),
+                                   whole.balance_loss().to_doubles()),
+              kTolerance);
+  }
   EXPECT_LT(test::relative_error(sharded.batchnorm().running_var, whole.batchnorm().running_var),
             kTolerance);
   EXPECT_LT(test::relative_error(sharded.batchnorm().running_mean, whole.batchnorm().running_mean),
@@ -125,6 +130,9 @@ INSTANTIATE_TEST_SUITE_P(
     testing::Values(
         ShardedCase{{64, 32, 16, 64, 2, 4, Activation::silu, RouterNorm::batchnorm, true},
                     "BatchnormTwoHeads"},
+        // The balance loss counts every rank's selections.
+        ShardedCase{{64, 32, 16, 64, 2, 4, Activation::silu, RouterNorm::batchnorm, false, 0.5},
+                    "BalanceLoss"},
         ShardedCase{{48, 24, 0, 144, 3, 2, Activation::gelu, RouterNorm::batchnorm, true},
                     "BatchnormThreeHeadsNoShared"},
         ShardedCase{{32, 16, 8, 16, 1, 3, Activation::relu, RouterNorm::rmsnorm, false},
