@@ -49,6 +49,21 @@ Communicator& nccl_communicator() {
   return *comm;
 }
 
+// Why the NCCL tests cannot run here, or "" when they can: one GPU per rank.
+std::string missing_gpus() {
+  if (!cuda_available()) return "no CUDA device: GPU test skipped";
+  int gpus = 0, ranks = 1;
+  CUDA_CHECK(cudaGetDeviceCount(&gpus));
+  MPI_CHECK(MPI_Comm_size(MPI_COMM_WORLD, &ranks));
+  if (gpus < ranks) return "needs one GPU per rank, " + std::to_string(gpus) + " found";
+  return "";
+}
+
+#define FLASHMOE_REQUIRE_GPU_PER_RANK()                                            \
+  do {                                                                             \
+    if (const std::string why = missing_gpus(); !why.empty()) GTEST_SKIP() << why; \
+  } while (0)
+
 void expect_matches_one_rank(const test::LayerCase& c, Device device, Communicator& comm,
                              Communicator& host_comm) {
   const int P = comm.size();
@@ -118,10 +133,7 @@ TEST_P(ExpertParallelLayer, MatchesOneRankOnTheGlobalBatch) {
 
 // The same on one GPU per rank over NCCL (run by hand: mpirun -np P flashmoe-tests-mpi).
 TEST_P(ExpertParallelLayer, MatchesOneRankOnTheGlobalBatchOnGpus) {
-  FLASHMOE_REQUIRE_GPU();
-  int gpus = 0;
-  CUDA_CHECK(cudaGetDeviceCount(&gpus));
-  if (gpus < host_comm_->size()) GTEST_SKIP() << "needs one GPU per rank, " << gpus << " found";
+  FLASHMOE_REQUIRE_GPU_PER_RANK();
   expect_matches_one_rank(GetParam().layer, Device::cuda, nccl_communicator(), *host_comm_);
 }
 
@@ -186,11 +198,7 @@ TEST(Collectives, AllGatherAndReduceScatter) {
 }
 
 TEST(Collectives, AllGatherAndReduceScatterOnGpus) {
-  FLASHMOE_REQUIRE_GPU();
-  int gpus = 0;
-  CUDA_CHECK(cudaGetDeviceCount(&gpus));
-  std::unique_ptr<Communicator> host = make_mpi_communicator(MPI_COMM_WORLD);
-  if (gpus < host->size()) GTEST_SKIP() << "needs one GPU per rank, " << gpus << " found";
+  FLASHMOE_REQUIRE_GPU_PER_RANK();
   expect_gather_and_reduce_scatter(nccl_communicator(), Device::cuda);
 }
 
@@ -229,11 +237,8 @@ TEST(ExpertParallelConfig, LoadImbalanceComparesOwnersFilledSlots) {
 }
 
 TEST(ExpertParallelConfig, LoadImbalanceComparesOwnersFilledSlotsOnGpus) {
-  FLASHMOE_REQUIRE_GPU();
-  int gpus = 0;
-  CUDA_CHECK(cudaGetDeviceCount(&gpus));
-  std::unique_ptr<Communicator> host = make_mpi_communicator(MPI_COMM_WORLD);
-  if (host->size() == 1 || gpus < host->size()) GTEST_SKIP() << "needs 2+ ranks, one GPU each";
+  FLASHMOE_REQUIRE_GPU_PER_RANK();
+  if (nccl_communicator().size() == 1) GTEST_SKIP() << "needs more than one rank";
   expect_load_imbalance(nccl_communicator(), Device::cuda);
 }
 
