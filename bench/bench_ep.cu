@@ -5,9 +5,9 @@
 // For each layer case, with T tokens on every rank and the expert tables sharded over
 // the P ranks (NCCL), rank 0 prints the medians of CUDA-event timings, each repetition
 // started from a barrier:
-//   layer fwd+bwd, 1 GPU:  every rank runs its own unsharded layer, no communication;
-//   layer fwd+bwd, P GPUs: the sharded layer; 1 GPU / P GPUs is the layer's weak-scaling
-//                          efficiency (the work per GPU is the same);
+//   layer fwd (+bwd), 1 GPU:  every rank runs its own unsharded layer, no communication;
+//   layer fwd (+bwd), P GPUs: the sharded layer; 1 GPU / P GPUs is the layer's weak-
+//                             scaling efficiency (the work per GPU is the same);
 //   dispatch, combine, dispatch_grad, combine_grad: the layer's four exchanges alone;
 //   plain all-to-all:      the communicator's all_to_all (grouped ncclSend/ncclRecv) of
 //                          the bytes that dispatch sends as token rows, from one buffer.
@@ -62,12 +62,15 @@ class EpBench {
   }
 
   void run() {
-    const double layer_1 = layer_ms(nullptr), layer_p = layer_ms(&comm_);
-    layer_row("layer fwd+bwd, 1 GPU", layer_1);
-    layer_row("layer fwd+bwd, P GPUs", layer_p);
-    if (comm_.rank() == 0) {
-      std::printf("| %s | %d | layer weak-scaling efficiency | %.0f%% | | | |\n", c_.name,
-                  comm_.size(), 100.0 * layer_1 / layer_p);
+    for (bool backward : {false, true}) {
+      const double layer_1 = layer_ms(nullptr, backward), layer_p = layer_ms(&comm_, backward);
+      const std::string op = backward ? "layer fwd+bwd" : "layer fwd";
+      layer_row((op + ", 1 GPU").c_str(), layer_1);
+      layer_row((op + ", P GPUs").c_str(), layer_p);
+      if (comm_.rank() == 0) {
+        std::printf("| %s | %d | %s weak-scaling efficiency | %.0f%% | | | |\n", c_.name,
+                    comm_.size(), op.c_str(), 100.0 * layer_1 / layer_p);
+      }
     }
     exchanges();
   }
@@ -88,11 +91,11 @@ class EpBench {
                 in_run, bytes_to_peers / 1e6, bytes_to_peers / (in_run * 1e-3) / 1e9);
   }
 
-  double layer_ms(Communicator* comm) {
+  double layer_ms(Communicator* comm, bool backward) {
     FlashMoELayer layer(c_.D, moe_, Device::cuda, DType::bf16, 1, 0, comm);
     return timed([&] {
       layer.forward(x_, true);
-      layer.backward(dy_);
+      if (backward) layer.backward(dy_);
     });
   }
 
