@@ -323,6 +323,8 @@ struct BatchnormBackward {
     Lanes<W, double> sum_dy{}, sum_dy_xhat{};
     double inv_n = 0;
     if (training) {
+      // The row count is on the device; one division per pack costs less than a launch
+      // that would precompute it, in a kernel bound by memory.
       inv_n = 1.0 / sums[2 * D];
       sum_dy = load_lanes<W>(sums, d);
       sum_dy_xhat = load_lanes<W>(sums, D + d);
@@ -365,8 +367,7 @@ void partial_sums(BatchNorm& bn, Device device, Terms terms, int64_t M, int64_t 
       bn.workspace = Tensor::empty({bytes / 8}, DType::f64, Device::cuda);
     }
     double* partial = bn.workspace.data<double>();
-    bool packed = D % kPack == 0;
-    for (const void* p : pointers) packed = packed && reinterpret_cast<uintptr_t>(p) % 16 == 0;
+    const bool packed = packable({D}, pointers);
     const int W = packed ? kPack : 1;
     const dim3 grid(static_cast<unsigned>((D / W + kStatPacks - 1) / kStatPacks),
                     static_cast<unsigned>(chunks));

@@ -56,6 +56,19 @@ __global__ void for_each_pack_kernel(Op op, int64_t packs) {
 // Elements per pack: 16 bytes of bf16, two 16-byte accesses of fp32.
 constexpr int kPack = 8;
 
+// Whether kPack-element packs can serve arrays of these extents (all multiples of
+// kPack, so no pack straddles a row) at these pointers (all 16-byte aligned).
+inline bool packable(std::initializer_list<int64_t> extents,
+                     std::initializer_list<const void*> pointers) {
+  for (int64_t e : extents) {
+    if (e % kPack != 0) return false;
+  }
+  for (const void* p : pointers) {
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  }
+  return true;
+}
+
 template <class Op>
 void for_each_pack(Device device, int64_t n, int64_t row_width, Op op, const char* name,
                    std::initializer_list<const void*> pointers) {
@@ -64,9 +77,7 @@ void for_each_pack(Device device, int64_t n, int64_t row_width, Op op, const cha
     return;
   }
   if (n == 0) return;
-  bool packed = n % kPack == 0 && row_width % kPack == 0;
-  for (const void* p : pointers) packed = packed && reinterpret_cast<uintptr_t>(p) % 16 == 0;
-  if (packed) {
+  if (packable({n, row_width}, pointers)) {
     for_each_pack_kernel<kPack>
         <<<grid_for(n / kPack, 256), 256, 0, current_stream()>>>(op, n / kPack);
   } else {

@@ -5,7 +5,20 @@ namespace flashmoe {
 
 namespace {
 // Row m of gate_up holds [gate(I) | up(I)]. Each call handles the W elements of hidden
-// from e = m * I + i on (I is a multiple of W, so they stay in row m).
+// from e = m * I + i on (I is a multiple of W, so they stay in row m): their gates
+// start at gate_at = m 2I + i in gate_up, their ups I further.
+template <int W, class T>
+struct GateUp {
+  int64_t gate_at;
+  Lanes<W, T> gate, up;
+};
+
+template <int W, class T>
+FLASHMOE_HD GateUp<W, T> load_gate_up(const T* gate_up, int64_t I, int64_t e) {
+  const int64_t at = e / I * 2 * I + e % I;
+  return {at, load_lanes<W>(gate_up, at), load_lanes<W>(gate_up, at + I)};
+}
+
 template <class T>
 struct SwigluForward {
   const T* gate_up;
@@ -14,12 +27,10 @@ struct SwigluForward {
   Activation act;
   template <int W>
   FLASHMOE_HD void operator()(int64_t e) const {
-    const int64_t m = e / I, i = e % I;
-    const Lanes<W, T> gate = load_lanes<W>(gate_up, m * 2 * I + i),
-                      up = load_lanes<W>(gate_up, m * 2 * I + I + i);
+    const GateUp<W, T> in = load_gate_up<W>(gate_up, I, e);
     Lanes<W, T> h;
     for (int k = 0; k < W; ++k) {
-      store_float(h.v, k, activate(act, load_float(gate.v, k)) * load_float(up.v, k));
+      store_float(h.v, k, activate(act, load_float(in.gate.v, k)) * load_float(in.up.v, k));
     }
     store_lanes(hidden, e, h);
   }
@@ -34,18 +45,16 @@ struct SwigluBackward {
   Activation act;
   template <int W>
   FLASHMOE_HD void operator()(int64_t e) const {
-    const int64_t m = e / I, i = e % I;
-    const Lanes<W, T> gate = load_lanes<W>(gate_up, m * 2 * I + i),
-                      up = load_lanes<W>(gate_up, m * 2 * I + I + i),
-                      dh = load_lanes<W>(dhidden, e);
+    const GateUp<W, T> in = load_gate_up<W>(gate_up, I, e);
+    const Lanes<W, T> dh = load_lanes<W>(dhidden, e);
     Lanes<W, T> dgate, dup;
     for (int k = 0; k < W; ++k) {
-      const float g = load_float(gate.v, k), d = load_float(dh.v, k);
-      store_float(dgate.v, k, d * load_float(up.v, k) * activate_grad(act, g));
+      const float g = load_float(in.gate.v, k), d = load_float(dh.v, k);
+      store_float(dgate.v, k, d * load_float(in.up.v, k) * activate_grad(act, g));
       store_float(dup.v, k, d * activate(act, g));
     }
-    store_lanes(dgate_up, m * 2 * I + i, dgate);
-    store_lanes(dgate_up, m * 2 * I + I + i, dup);
+    store_lanes(dgate_up, in.gate_at, dgate);
+    store_lanes(dgate_up, in.gate_at + I, dup);
   }
 };
 
