@@ -136,26 +136,30 @@ void Trainer::train_step() {
 // beside the backward of the blocks below it. No copies in or out.
 void Trainer::bucket_replicated_gradients() {
   if (comm_.size() == 1) return;
+  const std::vector<std::vector<Parameter*>> groups = model_->gradient_groups();
   int64_t total = 0;
-  for (const std::vector<Parameter*>& group : model_->gradient_groups()) {
-    GradientGroup g{replicated_.size(), 0, total, 0};
-    for (Parameter* p : group) {
+  for (const std::vector<Parameter*>& group : groups) {
+    for (const Parameter* p : group) {
       if (p->expert_table) continue;
       expect_dtype(p->grad, DType::f32, "replicated gradient");
-      replicated_.push_back(p);
       total += p->grad.numel();
     }
-    g.last = replicated_.size();
-    g.end = total;
-    gradient_groups_.push_back(g);
   }
   grad_bucket_ = Tensor::zeros({total}, DType::f32, device_);
   int64_t at = 0;
-  for (Parameter* p : replicated_) {
-    Tensor view = grad_bucket_.rows(at, at + p->grad.numel()).view(p->grad.shape());
-    view.copy_from(p->grad);
-    p->grad = view;
-    at += p->grad.numel();
+  for (const std::vector<Parameter*>& group : groups) {
+    GradientGroup g;
+    const int64_t begin = at;
+    for (Parameter* p : group) {
+      if (p->expert_table) continue;
+      Tensor view = grad_bucket_.rows(at, at + p->grad.numel()).view(p->grad.shape());
+      view.copy_from(p->grad);
+      p->grad = view;
+      g.grads.emplace_back(p, view);
+      at += view.numel();
+    }
+    g.slice = grad_bucket_.rows(begin, at);
+    gradient_groups_.push_back(std::move(g));
   }
   grad_comm_ = comm_.duplicate();
   if (device_ == Device::cuda) grad_side_ = std::make_unique<SideStream>(StreamPriority::high);
@@ -164,20 +168,15 @@ void Trainer::bucket_replicated_gradients() {
 void Trainer::start_gradient_sum(size_t group) {
   FLASHMOE_CHECK(group < gradient_groups_.size(),
                  "gradient group " << group << " is ready, expected < " << gradient_groups_.size());
-  const GradientGroup& g = gradient_groups_[group];
-  int64_t at = g.begin;
-  for (size_t i = g.first; i < g.last; ++i) {
-    FLASHMOE_CHECK(replicated_[i]->grad.raw() == grad_bucket_.rows(at, at + 1).raw(),
-                   "gradient of " << replicated_[i]->name
+  GradientGroup& g = gradient_groups_[group];
+  for (const auto& [p, view] : g.grads) {
+    FLASHMOE_CHECK(p->grad.raw() == view.raw(),
+                   "gradient of " << p->name
                                   << " was reallocated, expected it to stay in the all-reduce "
                                      "bucket (ops must write gradients in place)");
-    at += replicated_[i]->grad.numel();
   }
-  if (g.begin == g.end) return;
-  run_beside(grad_side_.get(), [&] {
-    Tensor part = grad_bucket_.rows(g.begin, g.end);
-    grad_comm_->all_reduce_sum(part);
-  });
+  if (g.slice.numel() == 0) return;
+  run_beside(grad_side_.get(), [&] { grad_comm_->all_reduce_sum(g.slice); });
 }
 
 void Trainer::finish_gradient_sums() {

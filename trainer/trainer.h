@@ -12,6 +12,8 @@
 #include <cstdio>
 #include <memory>
 #include <optional>
+#include <utility>
+#include <vector>
 
 #include "core/config.h"
 #include "core/stream.h"
@@ -78,10 +80,9 @@ class Trainer {
   // laid out by Model::gradient_groups(), summed group by group on their own
   // communicator and (GPU) stream.
   struct GradientGroup {
-    size_t first, last;  // replicated_[first, last)
-    int64_t begin, end;  // grad_bucket_ elements
+    std::vector<std::pair<Parameter*, Tensor>> grads;  // each with its view of the bucket
+    Tensor slice;                                      // the group's part of the bucket
   };
-  std::vector<Parameter*> replicated_;
   std::vector<GradientGroup> gradient_groups_;
   Tensor grad_bucket_;
   std::unique_ptr<Communicator> grad_comm_;
