@@ -59,19 +59,24 @@ void backward_cpu(const float* logits, const double* fractions, int64_t rows, in
   for (int64_t r = 0; r < rows; ++r) {
     const float* q = logits + r * N;
     const double* f = fractions + r % heads2 * N;
-    float max = -INFINITY, sum = 0, d = 0;
+    float max = -INFINITY, sum = 0, weighted = 0;
     for (int64_t j = 0; j < N; ++j) max = std::fmax(max, q[j]);
-    for (int64_t j = 0; j < N; ++j) sum += p[j] = std::exp(q[j] - max);
-    for (int64_t j = 0; j < N; ++j) d += static_cast<float>(f[j]) * (p[j] /= sum);
     for (int64_t j = 0; j < N; ++j) {
-      dlogits[r * N + j] += balance_grad(scale, p[j], static_cast<float>(f[j]), d);
+      p[j] = std::exp(q[j] - max);
+      sum += p[j];
+      weighted += static_cast<float>(f[j]) * p[j];
+    }
+    const float d = weighted / sum;
+    for (int64_t j = 0; j < N; ++j) {
+      dlogits[r * N + j] += balance_grad(scale, p[j] / sum, static_cast<float>(f[j]), d);
     }
     row_terms[r] = d;
   }
 }
 
-// A warp per (t, h, c) row; lanes stride over the N keys. Three passes over the row
-// (max, sum, dot), which the L1 keeps, then the gradient.
+// A warp per (t, h, c) row; lanes stride over the N keys. Two passes over the row (the
+// max; the sums of e = exp(q - max) and of f e, so d = sum f e / sum e), which the L1
+// keeps, then the gradient.
 constexpr int kRowsPerBlock = 8;
 
 __global__ void balance_backward_kernel(const float* logits, const double* fractions, int64_t rows,
@@ -85,12 +90,14 @@ __global__ void balance_backward_kernel(const float* logits, const double* fract
   float max = -INFINITY;
   for (int64_t j = lane; j < N; j += 32) max = fmaxf(max, q[j]);
   max = warp_max(max);
-  float sum = 0;
-  for (int64_t j = lane; j < N; j += 32) sum += expf(q[j] - max);
+  float sum = 0, weighted = 0;
+  for (int64_t j = lane; j < N; j += 32) {
+    const float e = expf(q[j] - max);
+    sum += e;
+    weighted += static_cast<float>(f[j]) * e;
+  }
   const float inv_sum = 1.0f / warp_sum(sum);
-  float d = 0;
-  for (int64_t j = lane; j < N; j += 32) d += static_cast<float>(f[j]) * expf(q[j] - max) * inv_sum;
-  d = warp_sum(d);
+  const float d = warp_sum(weighted) * inv_sum;
   for (int64_t j = lane; j < N; j += 32) {
     const float p = expf(q[j] - max) * inv_sum;
     dlogits[r * N + j] += balance_grad(scale, p, static_cast<float>(f[j]), d);

@@ -114,43 +114,6 @@ __device__ __forceinline__ int32_t entry_id(uint64_t entry) {
   return static_cast<int32_t>(~static_cast<uint32_t>(entry));
 }
 
-// Sum of a count over the warp: one redux.sync from sm_80 on, a butterfly before.
-__device__ __forceinline__ int warp_count(int count) {
-#if __CUDA_ARCH__ >= 800
-  return __reduce_add_sync(kFullMask, count);
-#else
-#pragma unroll
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
-    count += __shfl_xor_sync(kFullMask, count, offset);
-  }
-  return count;
-#endif
-}
-
-__device__ __forceinline__ uint32_t warp_max_u32(uint32_t value) {
-#if __CUDA_ARCH__ >= 800
-  return __reduce_max_sync(kFullMask, value);
-#else
-#pragma unroll
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
-    value = max(value, __shfl_xor_sync(kFullMask, value, offset));
-  }
-  return value;
-#endif
-}
-
-__device__ __forceinline__ uint32_t warp_min_u32(uint32_t value) {
-#if __CUDA_ARCH__ >= 800
-  return __reduce_min_sync(kFullMask, value);
-#else
-#pragma unroll
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
-    value = min(value, __shfl_xor_sync(kFullMask, value, offset));
-  }
-  return value;
-#endif
-}
-
 // The k-th largest (1-based) of the 32 lanes' values: a bitonic sort across lanes.
 __device__ __forceinline__ uint32_t warp_kth_largest(uint32_t value, int k, int lane) {
 #pragma unroll
@@ -292,14 +255,14 @@ __device__ uint32_t kth_largest_key(const Keys& keys, int k, int lane) {
       lane_low = min(lane_low, key);
     }
   });
-  const uint32_t high = warp_max_u32(lane_high), low = warp_min_u32(lane_low);
+  const uint32_t high = warp_max(lane_high), low = warp_min(lane_low);
   int bit = 31 - __clz(high ^ low);  // -1 when every key is equal
   uint32_t threshold = bit < 0 ? high : high & ~((2u << bit) - 1);
   for (; bit >= 0; --bit) {
     const uint32_t trial = threshold | (1u << bit);
     int at_least = 0;
     keys.visit(lane, [&](uint32_t key, int) { at_least += key >= trial; });
-    if (warp_count(at_least) >= k) threshold = trial;
+    if (warp_sum(at_least) >= k) threshold = trial;
   }
   return threshold;
 }
@@ -344,7 +307,7 @@ __device__ int gather_best_of_half(const Keys& keys, int keep, uint64_t* buffer,
     const uint32_t threshold = warp_kth_largest(lane_max, keep, lane);
     int passing = 0;
     keys.visit(lane, [&](uint32_t key, int) { passing += key >= threshold; });
-    const int count = warp_count(passing);
+    const int count = warp_sum(passing);
     if (count <= kLaneMaximaCapacity) {
       int at = warp_exclusive_sum(passing, lane);
       keys.visit(lane, [&](uint32_t key, int n) {
@@ -356,7 +319,7 @@ __device__ int gather_best_of_half(const Keys& keys, int keep, uint64_t* buffer,
   const uint32_t threshold = kth_largest_key(keys, keep, lane);
   int above = 0;
   keys.visit(lane, [&](uint32_t key, int) { above += key > threshold; });
-  compact_in_index_order(keys, threshold, keep - warp_count(above), buffer, lane);
+  compact_in_index_order(keys, threshold, keep - warp_sum(above), buffer, lane);
   return keep;
 }
 
