@@ -113,7 +113,8 @@ class EpBench {
     ExpertExchange exchange(comm_, c_.E, Device::cuda);
     const auto dispatch = [&]() -> const ExpertRows& {
       exchange.start_dispatch(x_);
-      return exchange.dispatch(id_tensor, gates);
+      exchange.dispatch(id_tensor, gates);
+      return exchange.receive();
     };
     const ExpertRows& rows = dispatch();
     const int64_t R = rows.x.size(0);
@@ -127,7 +128,12 @@ class EpBench {
     exchange_row(
         "combine (y)", [&] { exchange.combine(partial, y); }, row_bytes);
     exchange_row(
-        "dispatch_grad (dy)", [&] { exchange.dispatch_grad(dy_); }, row_bytes);
+        "dispatch_grad (dy)",
+        [&] {
+          exchange.start_dispatch_grad(dy_);
+          exchange.receive_grad();
+        },
+        row_bytes);
     exchange_row(
         "combine_grad (dx, dgates)",
         [&] {

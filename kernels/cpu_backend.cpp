@@ -59,17 +59,26 @@ void experts_forward_cpu(const ExpertInputs& in, Tensor& y, Tensor& h) {
   store(y_values, y);
 }
 
-void experts_backward_cpu(const ExpertInputs& in, const Tensor& h, const Tensor& dy,
-                          GradLayout layout, ExpertGrads& grads) {
+void experts_backward_rows_cpu(const ExpertInputs& in, const Tensor& h, const Tensor& dy,
+                               ExpertGrads& grads) {
+  if (in.validate_ids) check_ids(in);
+  std::vector<float> dx(in.x.numel());
+  ref::experts_backward_rows(
+      expert_shape(in), in.act, floats(in.down_embed).data(), floats(in.up_embed).data(),
+      in.ids.data<int32_t>(), in.gates.data<float>(), h.data<float>(), floats(dy).data(), dx.data(),
+      grads.dgates.data<float>(), grads.slot_dh.data<float>(), grads.slot_a.data<float>());
+  store(dx, grads.dx);
+}
+
+void experts_backward_tables_cpu(const ExpertInputs& in, const Tensor& dy, GradLayout layout,
+                                 ExpertGrads& grads) {
   if (in.validate_ids) check_ids(in);
   const ref::ExpertShape shape = expert_shape(in);
   const int64_t D = shape.dim;
-  std::vector<float> dx(in.x.numel()), d_down(shape.num_experts * D), d_up(shape.num_experts * D);
-  ref::experts_backward(shape, in.act, floats(in.x).data(), floats(in.down_embed).data(),
-                        floats(in.up_embed).data(), in.ids.data<int32_t>(), in.gates.data<float>(),
-                        h.data<float>(), floats(dy).data(), dx.data(), grads.dgates.data<float>(),
-                        d_down.data(), d_up.data());
-  store(dx, grads.dx);
+  std::vector<float> d_down(shape.num_experts * D), d_up(shape.num_experts * D);
+  ref::experts_backward_tables(shape, floats(in.x).data(), in.ids.data<int32_t>(),
+                               grads.slot_dh.data<float>(), grads.slot_a.data<float>(),
+                               floats(dy).data(), d_down.data(), d_up.data());
   if (layout == GradLayout::dense) {
     store(d_down, grads.d_down);
     store(d_up, grads.d_up);

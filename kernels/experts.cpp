@@ -48,19 +48,67 @@ void experts_forward(const ExpertInputs& in, Tensor& y, Tensor& h) {
   }
 }
 
-void experts_backward(const ExpertInputs& in, const Tensor& h, const Tensor& dy, GradLayout layout,
-                      ExpertGrads& grads) {
-  check_inputs(in);
+ExpertInputs ExpertInputs::tokens(int64_t begin, int64_t end) const {
+  ExpertInputs part = *this;
+  part.x = x.rows(begin, end);
+  part.ids = ids.rows(begin, end);
+  part.gates = gates.rows(begin, end);
+  return part;
+}
+
+namespace {
+void allocate_rows_phase(const ExpertInputs& in, ExpertGrads& grads) {
   const Device device = in.x.device();
-  expect_shape(h, in.ids.shape(), "h");
-  expect_dtype(h, DType::f32, "h");
-  expect_device(h, device, "h");
-  expect_shape(dy, in.x.shape(), "dy");
-  expect_dtype(dy, in.x.dtype(), "dy");
-  expect_device(dy, device, "dy");
-  const int64_t E = in.down_embed.size(0), D = in.x.size(1);
   ensure(grads.dx, in.x.shape(), in.x.dtype(), device);
   ensure(grads.dgates, in.ids.shape(), DType::f32, device);
+  ensure(grads.slot_dh, in.ids.shape(), DType::f32, device);
+  ensure(grads.slot_a, in.ids.shape(), DType::f32, device);
+}
+
+void check_dy(const ExpertInputs& in, const Tensor& dy) {
+  expect_shape(dy, in.x.shape(), "dy");
+  expect_dtype(dy, in.x.dtype(), "dy");
+  expect_device(dy, in.x.device(), "dy");
+}
+}  // namespace
+
+ExpertGrads ExpertGrads::tokens(const ExpertInputs& in, int64_t begin, int64_t end) {
+  allocate_rows_phase(in, *this);
+  ExpertGrads part;
+  part.dx = dx.rows(begin, end);
+  part.dgates = dgates.rows(begin, end);
+  part.slot_dh = slot_dh.rows(begin, end);
+  part.slot_a = slot_a.rows(begin, end);
+  return part;
+}
+
+void experts_backward_rows(const ExpertInputs& in, const Tensor& h, const Tensor& dy,
+                           ExpertGrads& grads) {
+  check_inputs(in);
+  expect_shape(h, in.ids.shape(), "h");
+  expect_dtype(h, DType::f32, "h");
+  expect_device(h, in.x.device(), "h");
+  check_dy(in, dy);
+  allocate_rows_phase(in, grads);
+  if (in.x.device() == Device::cpu) {
+    detail::experts_backward_rows_cpu(in, h, dy, grads);
+  } else {
+    detail::experts_backward_rows_cuda(in, h, dy, grads);
+  }
+}
+
+void experts_backward_tables(const ExpertInputs& in, const Tensor& dy, GradLayout layout,
+                             ExpertGrads& grads) {
+  check_inputs(in);
+  check_dy(in, dy);
+  const Device device = in.x.device();
+  for (const auto& [slots, name] :
+       {std::pair{&grads.slot_dh, "slot dh"}, {&grads.slot_a, "slot a"}}) {
+    expect_shape(*slots, in.ids.shape(), name);
+    expect_dtype(*slots, DType::f32, name);
+    expect_device(*slots, device, name);
+  }
+  const int64_t E = in.down_embed.size(0), D = in.x.size(1);
   if (layout == GradLayout::dense) {
     ensure(grads.d_down, {E, D}, DType::f32, device);
     ensure(grads.d_up, {E, D}, DType::f32, device);
@@ -71,10 +119,16 @@ void experts_backward(const ExpertInputs& in, const Tensor& h, const Tensor& dy,
     ensure(grads.d_up, {R, D}, DType::f32, device);
   }
   if (device == Device::cpu) {
-    detail::experts_backward_cpu(in, h, dy, layout, grads);
+    detail::experts_backward_tables_cpu(in, dy, layout, grads);
   } else {
-    detail::experts_backward_cuda(in, h, dy, layout, grads);
+    detail::experts_backward_tables_cuda(in, dy, layout, grads);
   }
+}
+
+void experts_backward(const ExpertInputs& in, const Tensor& h, const Tensor& dy, GradLayout layout,
+                      ExpertGrads& grads) {
+  experts_backward_rows(in, h, dy, grads);
+  experts_backward_tables(in, dy, layout, grads);
 }
 
 }  // namespace flashmoe

@@ -11,10 +11,11 @@
 //   a warp per token over its filled slots only, the same dots bit for bit.
 //   Each pass reads one table only, so at the quickstart shape (E = 16384, D = 1024,
 //   bf16: 32 MB a table) the table a pass gathers from stays in the 50 MB L2.
-// Backward: the same two passes token-centric, then the expert gradients
-// expert-centric, without floating-point atomics:
+// Backward: the rows phase makes the same two passes token-centric (any token range
+// on its own), then the tables phase makes the expert gradients expert-centric over
+// every token, without floating-point atomics:
 //   1. slot_dot_kernel(dy, up_embed): z[p] = <dy[t], up[e]>; dgates = act(h) z;
-//      per-pair scratch dh = z g act'(h) and a = act(h) g.
+//      slot_dh = z g act'(h) and slot_a = act(h) g, kept for the tables phase.
 //   2. slot_sum_kernel(down_embed, dh): dx[t] = sum_s dh[t][s] down[e], s ascending.
 //   3. Group the pairs by expert: a stable LSD radix sort (CUB) of the ids as keys,
 //      over the bit_width(E) low bits (enough to sort the empty slots' 0xFFFFFFFF
@@ -227,8 +228,28 @@ void experts_forward_cuda(const ExpertInputs& in, Tensor& y, Tensor& h) {
   });
 }
 
-void experts_backward_cuda(const ExpertInputs& in, const Tensor& h, const Tensor& dy,
-                           GradLayout layout, ExpertGrads& grads) {
+void experts_backward_rows_cuda(const ExpertInputs& in, const Tensor& h, const Tensor& dy,
+                                ExpertGrads& grads) {
+  const Sizes s = sizes_of(in);
+  ScratchPlan plan;
+  const size_t first_bad_at = plan.add<unsigned long long>(1);
+  uint8_t* scratch = scratch_buffer(plan.bytes());
+  if (in.validate_ids) check_ids_on_device(in, s, carve<unsigned long long>(scratch, first_bad_at));
+  const bool vectorized = rows_aligned_16(s.dim, dtype_size(in.x.dtype()),
+                                          {&in.x, &in.down_embed, &in.up_embed, &dy, &grads.dx});
+  dispatch(in.x.dtype(), vectorized, [&]<class T, int kVec>() {
+    const int32_t* ids = in.ids.data<int32_t>();
+    launch_slot_dots<T, kVec>(
+        dy.data<T>(), in.up_embed.data<T>(), ids, s,
+        BackwardDotEpilogue{in.gates.data<float>(), h.data<float>(), grads.dgates.data<float>(),
+                            grads.slot_dh.data<float>(), grads.slot_a.data<float>(), in.act});
+    launch_slot_sums<T, kVec>(in.down_embed.data<T>(), ids, grads.slot_dh.data<float>(), s,
+                              grads.dx.data<T>());
+  });
+}
+
+void experts_backward_tables_cuda(const ExpertInputs& in, const Tensor& dy, GradLayout layout,
+                                  ExpertGrads& grads) {
   const Sizes s = sizes_of(in);
   const bool dense = layout == GradLayout::dense;
   const int64_t out_rows = grads.d_down.size(0);  // E (dense) or R = min(E, T*S)
@@ -262,8 +283,6 @@ void experts_backward_cuda(const ExpertInputs& in, const Tensor& h, const Tensor
       static_cast<SegmentCounts*>(nullptr), AddSegmentCounts{}, SegmentCounts{0, 0, 0},
       out_rows + 1, stream));
   ScratchPlan plan;
-  const size_t first_bad_at = plan.add<unsigned long long>(1);
-  const size_t dh_at = plan.add<float>(s.pairs), a_at = plan.add<float>(s.pairs);
   const size_t pair_index_at = plan.add<int32_t>(s.pairs);
   const size_t sorted_pairs_at = plan.add<int32_t>(s.pairs);
   const size_t sorted_experts_at = plan.add<uint32_t>(s.pairs);
@@ -279,28 +298,17 @@ void experts_backward_cuda(const ExpertInputs& in, const Tensor& h, const Tensor
   const size_t cub_at = plan.add<uint8_t>(
       static_cast<int64_t>(std::max({sort_bytes, scan_bytes, segment_scan_bytes})));
   uint8_t* scratch = scratch_buffer(plan.bytes());
-  if (in.validate_ids) check_ids_on_device(in, s, carve<unsigned long long>(scratch, first_bad_at));
 
-  float* pair_dh = carve<float>(scratch, dh_at);
-  float* pair_a = carve<float>(scratch, a_at);
   int32_t* pair_index = carve<int32_t>(scratch, pair_index_at);
   int32_t* sorted_pairs = carve<int32_t>(scratch, sorted_pairs_at);
   uint32_t* sorted_experts = carve<uint32_t>(scratch, sorted_experts_at);
   int32_t* row_begin = carve<int32_t>(scratch, row_begin_at);
   void* cub_storage = scratch + cub_at;
 
-  const bool vectorized = rows_aligned_16(
-      s.dim, dtype_size(in.x.dtype()),
-      {&in.x, &in.down_embed, &in.up_embed, &dy, &grads.dx, &grads.d_down, &grads.d_up});
+  const bool vectorized =
+      rows_aligned_16(s.dim, dtype_size(in.x.dtype()), {&in.x, &dy, &grads.d_down, &grads.d_up});
   dispatch(in.x.dtype(), vectorized, [&]<class T, int kVec>() {
     const int32_t* ids = in.ids.data<int32_t>();
-    // Steps 1, 2: token-centric.
-    launch_slot_dots<T, kVec>(
-        dy.data<T>(), in.up_embed.data<T>(), ids, s,
-        BackwardDotEpilogue{in.gates.data<float>(), h.data<float>(), grads.dgates.data<float>(),
-                            pair_dh, pair_a, in.act});
-    launch_slot_sums<T, kVec>(in.down_embed.data<T>(), ids, pair_dh, s, grads.dx.data<T>());
-
     // Step 3: pairs grouped by expert, ascending pair order within an expert.
     if (pairs > 0) {
       iota_kernel<<<blocks_for(pairs, 256), 256, 0, stream>>>(pair_index, pairs);
@@ -353,9 +361,10 @@ void experts_backward_cuda(const ExpertInputs& in, const Tensor& h, const Tensor
     float* partial_up = carve<float>(scratch, partial_up_at);
     segment_grad_kernel<T, kVec>
         <<<static_cast<unsigned>(max_segments), row_threads(s.dim / kVec), 0, stream>>>(
-            row_begin, segment_offsets, segment_row, out_rows, sorted_pairs, pair_dh, pair_a,
-            in.x.data<T>(), dy.data<T>(), s.slots, s.dim, grads.d_down.data<float>(),
-            grads.d_up.data<float>(), partial_down, partial_up);
+            row_begin, segment_offsets, segment_row, out_rows, sorted_pairs,
+            grads.slot_dh.data<float>(), grads.slot_a.data<float>(), in.x.data<T>(), dy.data<T>(),
+            s.slots, s.dim, grads.d_down.data<float>(), grads.d_up.data<float>(), partial_down,
+            partial_up);
     CUDA_CHECK_LAUNCH("segment_grad_kernel");
 
     // Step 7: split rows from their partial rows; the grid strides over (split row,

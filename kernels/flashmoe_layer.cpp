@@ -130,29 +130,65 @@ ExpertInputs FlashMoELayer::expert_inputs(const Tensor& x, const Tensor& ids,
   return {x, down_embed_.value, up_embed_.value, ids, gates, config_.act, /*validate_ids=*/false};
 }
 
-// One rank computes its tokens directly; P ranks compute the rows their experts own.
+// One rank computes its tokens directly; P ranks compute the rows their experts own,
+// those of their own tokens first: these need nothing from the other ranks, so the
+// routing's transfer runs beside them.
 void FlashMoELayer::routed_forward(const Tensor& ids, const Tensor& gates) {
   if (!exchange_) {
     expert_in_ = expert_inputs(x_, ids, gates);
     experts_forward(expert_in_, y_routed_, h_);
     return;
   }
-  const ExpertRows& owned = exchange_->dispatch(ids, gates);
+  const int64_t T = ids.size(0), R = T * comm_->size(), own = exchange_->own_begin();
+  ensure(y_partial_, {R, dim_}, dtype_, device_);
+  ensure(h_, {R, ids.size(1)}, DType::f32, device_);
+  const ExpertRows own_rows = exchange_->dispatch(ids, gates);
+  experts_forward_rows(expert_inputs(own_rows.x, own_rows.ids, own_rows.gates), own, own + T);
+  const ExpertRows& owned = exchange_->receive();
   expert_in_ = expert_inputs(owned.x, owned.ids, owned.gates);
-  experts_forward(expert_in_, y_partial_, h_);
+  for (const auto& [begin, end] : exchange_->other_rows()) {
+    experts_forward_rows(expert_in_.tokens(begin, end), begin, end);
+  }
   fork_shared_branch();
   exchange_->combine(y_partial_, y_routed_);
 }
 
+// The owned rows [begin, end) of y_partial_ and h_.
+void FlashMoELayer::experts_forward_rows(const ExpertInputs& in, int64_t begin, int64_t end) {
+  if (begin == end) return;
+  Tensor y = y_partial_.rows(begin, end), h = h_.rows(begin, end);
+  experts_forward(in, y, h);
+}
+
+// With P ranks, the rows of the own tokens first, beside dy's transfer; then the dx
+// and dgates partials return beside the tables' gradients.
 std::pair<const Tensor*, const Tensor*> FlashMoELayer::routed_backward(const Tensor& dy) {
-  experts_backward(expert_in_, h_, exchange_ ? exchange_->dispatch_grad(dy) : dy,
-                   expert_grad_layout_, expert_grads_);
+  if (!exchange_) {
+    experts_backward(expert_in_, h_, dy, expert_grad_layout_, expert_grads_);
+  } else {
+    exchange_->start_dispatch_grad(dy);
+    const int64_t own = exchange_->own_begin();
+    experts_backward_rows_of(dy, own, own + dy.size(0));
+    const Tensor& owned_dy = exchange_->receive_grad();
+    for (const auto& [begin, end] : exchange_->other_rows()) {
+      experts_backward_rows_of(owned_dy.rows(begin, end), begin, end);
+    }
+    exchange_->combine_grad(expert_grads_.dx, expert_grads_.dgates, dx_routed_, dgates_routed_);
+    experts_backward_tables(expert_in_, owned_dy, expert_grad_layout_, expert_grads_);
+  }
   down_embed_.grad = expert_grads_.d_down;
   up_embed_.grad = expert_grads_.d_up;
   down_embed_.rows = up_embed_.rows = expert_grads_.rows;
   if (!exchange_) return {&expert_grads_.dx, &expert_grads_.dgates};
-  exchange_->combine_grad(expert_grads_.dx, expert_grads_.dgates, dx_routed_, dgates_routed_);
+  exchange_->wait();
   return {&dx_routed_, &dgates_routed_};
+}
+
+// The backward's rows phase over owned rows [begin, end), whose dy is `dy`.
+void FlashMoELayer::experts_backward_rows_of(const Tensor& dy, int64_t begin, int64_t end) {
+  if (begin == end) return;
+  ExpertGrads part = expert_grads_.tokens(expert_in_, begin, end);
+  experts_backward_rows(expert_in_.tokens(begin, end), h_.rows(begin, end), dy, part);
 }
 
 const Tensor& FlashMoELayer::forward(const Tensor& x, bool training) {
@@ -214,7 +250,6 @@ const Tensor& FlashMoELayer::backward(const Tensor& dy) {
   linear_backward_weight(dq, xn_, w_router_.grad, false);
   linear_backward_input(dq, w_router_.value, dxn_);
   backward_norm(dxn_);
-  if (exchange_) exchange_->wait();  // dx_routed was summed beside the router's backward
   add(*dx_routed, dx_norm_, dx_);
   run_shared_branch([&] {
     linear_backward_weight(dy, hidden_, w_down_.grad, false);

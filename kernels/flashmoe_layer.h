@@ -81,10 +81,12 @@ class FlashMoELayer {
   void backward_norm(const Tensor& dxn);
   ExpertInputs expert_inputs(const Tensor& x, const Tensor& ids, const Tensor& gates) const;
   void routed_forward(const Tensor& ids, const Tensor& gates);
+  void experts_forward_rows(const ExpertInputs& in, int64_t begin, int64_t end);
   void count_key_usage();
   // Fills expert_grads_ and the tables' gradients; returns {dx, dgates} of this rank's
   // tokens.
   std::pair<const Tensor*, const Tensor*> routed_backward(const Tensor& dy);
+  void experts_backward_rows_of(const Tensor& dy, int64_t begin, int64_t end);
 
   int64_t dim_;
   MoeConfig config_;

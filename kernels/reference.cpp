@@ -141,33 +141,55 @@ void experts_forward(const ExpertShape& shape, Activation act, const Real* x,
 }
 
 template <class Real>
-void experts_backward(const ExpertShape& shape, Activation act, const Real* x,
-                      const Real* down_embed, const Real* up_embed, const int32_t* ids,
-                      const Real* gates, const Real* h, const Real* dy, Real* dx, Real* dgates,
-                      Real* d_down, Real* d_up) {
+void experts_backward_rows(const ExpertShape& shape, Activation act, const Real* down_embed,
+                           const Real* up_embed, const int32_t* ids, const Real* gates,
+                           const Real* h, const Real* dy, Real* dx, Real* dgates, Real* dh,
+                           Real* a) {
   const int64_t D = shape.dim, S = shape.slots;
   std::fill(dx, dx + shape.tokens * D, Real(0));
-  std::fill(d_down, d_down + shape.num_experts * D, Real(0));
-  std::fill(d_up, d_up + shape.num_experts * D, Real(0));
   for (int64_t t = 0; t < shape.tokens; ++t) {
     for (int64_t s = 0; s < S; ++s) {
       const int64_t ts = t * S + s, e = ids[ts];
       if (e < 0) {  // an empty slot
-        dgates[ts] = 0;
+        dgates[ts] = dh[ts] = a[ts] = 0;
         continue;
       }
       Real z = 0;
       for (int64_t d = 0; d < D; ++d) z += dy[t * D + d] * up_embed[e * D + d];
       dgates[ts] = activate(act, h[ts]) * z;
-      const Real a = activate(act, h[ts]) * gates[ts];
-      const Real dh = z * gates[ts] * activate_grad(act, h[ts]);
-      for (int64_t d = 0; d < D; ++d) {
-        dx[t * D + d] += dh * down_embed[e * D + d];
-        d_up[e * D + d] += a * dy[t * D + d];
-        d_down[e * D + d] += dh * x[t * D + d];
-      }
+      a[ts] = activate(act, h[ts]) * gates[ts];
+      dh[ts] = z * gates[ts] * activate_grad(act, h[ts]);
+      for (int64_t d = 0; d < D; ++d) dx[t * D + d] += dh[ts] * down_embed[e * D + d];
     }
   }
+}
+
+template <class Real>
+void experts_backward_tables(const ExpertShape& shape, const Real* x, const int32_t* ids,
+                             const Real* dh, const Real* a, const Real* dy, Real* d_down,
+                             Real* d_up) {
+  const int64_t D = shape.dim, S = shape.slots;
+  std::fill(d_down, d_down + shape.num_experts * D, Real(0));
+  std::fill(d_up, d_up + shape.num_experts * D, Real(0));
+  for (int64_t ts = 0; ts < shape.tokens * S; ++ts) {
+    const int64_t t = ts / S, e = ids[ts];
+    if (e < 0) continue;
+    for (int64_t d = 0; d < D; ++d) {
+      d_up[e * D + d] += a[ts] * dy[t * D + d];
+      d_down[e * D + d] += dh[ts] * x[t * D + d];
+    }
+  }
+}
+
+template <class Real>
+void experts_backward(const ExpertShape& shape, Activation act, const Real* x,
+                      const Real* down_embed, const Real* up_embed, const int32_t* ids,
+                      const Real* gates, const Real* h, const Real* dy, Real* dx, Real* dgates,
+                      Real* d_down, Real* d_up) {
+  std::vector<Real> dh(shape.tokens * shape.slots), a(dh.size());
+  experts_backward_rows(shape, act, down_embed, up_embed, ids, gates, h, dy, dx, dgates, dh.data(),
+                        a.data());
+  experts_backward_tables(shape, x, ids, dh.data(), a.data(), dy, d_down, d_up);
 }
 
 std::vector<int32_t> touched_experts(const int32_t* ids, int64_t count) {
@@ -190,7 +212,12 @@ std::vector<int32_t> touched_experts(const int32_t* ids, int64_t count) {
                                 const Real*, const int32_t*, const Real*, Real*, Real*);           \
   template void experts_backward(const ExpertShape&, Activation, const Real*, const Real*,         \
                                  const Real*, const int32_t*, const Real*, const Real*,            \
-                                 const Real*, Real*, Real*, Real*, Real*);
+                                 const Real*, Real*, Real*, Real*, Real*);                         \
+  template void experts_backward_rows(const ExpertShape&, Activation, const Real*, const Real*,    \
+                                      const int32_t*, const Real*, const Real*, const Real*,       \
+                                      Real*, Real*, Real*, Real*);                                 \
+  template void experts_backward_tables(const ExpertShape&, const Real*, const int32_t*,           \
+                                        const Real*, const Real*, const Real*, Real*, Real*);
 
 FLASHMOE_INSTANTIATE_REFERENCE(float)
 FLASHMOE_INSTANTIATE_REFERENCE(double)

@@ -64,12 +64,28 @@ void experts_forward(const ExpertShape& shape, Activation act, const Real* x,
                      const Real* down_embed, const Real* up_embed, const int32_t* ids,
                      const Real* gates, Real* y, Real* h);
 
-// dx [T, D], dgates [T, S], d_down and d_up [E, D] (dense; overwritten).
+// dx [T, D], dgates [T, S], d_down and d_up [E, D] (dense; overwritten): the two
+// phases below, one after the other.
 template <class Real>
 void experts_backward(const ExpertShape& shape, Activation act, const Real* x,
                       const Real* down_embed, const Real* up_embed, const int32_t* ids,
                       const Real* gates, const Real* h, const Real* dy, Real* dx, Real* dgates,
                       Real* d_down, Real* d_up);
+
+// Token by token: dx [T, D], dgates [T, S] and the slot coefficients dh and
+// a = act(h) g [T, S] (0 for an empty slot).
+template <class Real>
+void experts_backward_rows(const ExpertShape& shape, Activation act, const Real* down_embed,
+                           const Real* up_embed, const int32_t* ids, const Real* gates,
+                           const Real* h, const Real* dy, Real* dx, Real* dgates, Real* dh,
+                           Real* a);
+
+// Expert by expert, from every token's coefficients: d_down and d_up [E, D] (dense;
+// overwritten).
+template <class Real>
+void experts_backward_tables(const ExpertShape& shape, const Real* x, const int32_t* ids,
+                             const Real* dh, const Real* a, const Real* dy, Real* d_down,
+                             Real* d_up);
 
 // The experts touched by `ids` (ids >= 0), ascending, each once.
 std::vector<int32_t> touched_experts(const int32_t* ids, int64_t count);

@@ -53,19 +53,40 @@ void ExpertExchange::scatter_sum(const Tensor& partials, Tensor& out) {
 
 void ExpertExchange::start_dispatch(const Tensor& x) {
   check_tokens(x.size(0), x.device());
+  x_ = x;
   run_beside(side_.get(), [&] { gather(x, owned_.x); });
 }
 
-const ExpertRows& ExpertExchange::dispatch(const Tensor& ids, const Tensor& gates) {
+ExpertRows ExpertExchange::dispatch(const Tensor& ids, const Tensor& gates) {
   FLASHMOE_CHECK(ids.defined() && ids.size(0) == tokens_, "dispatch of routing for "
                                                               << (ids.defined() ? ids.size(0) : 0)
                                                               << " tokens, expected the " << tokens_
                                                               << " of start_dispatch");
   detail::pack_routing(ids, gates, routing_);
-  wait();  // the routing follows x on the exchange's communicator
-  gather(routing_, gathered_routing_);
-  detail::own_routing(gathered_routing_, first_expert_, local_experts_, owned_.ids, owned_.gates);
+  run_beside(side_.get(), [&] { gather(routing_, gathered_routing_); });
+  const int64_t R = comm_->size() * tokens_, S = ids.size(1);
+  ensure(owned_.ids, {R, S}, DType::i32, ids.device());
+  ensure(owned_.gates, {R, S}, DType::f32, ids.device());
+  const int64_t begin = own_begin(), end = begin + tokens_;
+  ExpertRows own{x_, owned_.ids.rows(begin, end), owned_.gates.rows(begin, end)};
+  detail::own_routing(ids, gates, first_expert_, local_experts_, own.ids, own.gates);
+  return own;
+}
+
+const ExpertRows& ExpertExchange::receive() {
+  wait();
+  for (const auto& [begin, end] : other_rows()) {
+    if (begin == end) continue;
+    Tensor ids = owned_.ids.rows(begin, end), gates = owned_.gates.rows(begin, end);
+    detail::own_routing(gathered_routing_.rows(begin, end), first_expert_, local_experts_, ids,
+                        gates);
+  }
   return owned_;
+}
+
+std::array<std::pair<int64_t, int64_t>, 2> ExpertExchange::other_rows() const {
+  const int64_t begin = own_begin(), end = begin + tokens_;
+  return {{{0, begin}, {end, comm_->size() * tokens_}}};
 }
 
 double ExpertExchange::load_imbalance() {
@@ -85,15 +106,24 @@ double ExpertExchange::load_imbalance() {
 
 void ExpertExchange::combine(const Tensor& partial_y, Tensor& y) { scatter_sum(partial_y, y); }
 
-const Tensor& ExpertExchange::dispatch_grad(const Tensor& dy) {
-  gather(dy, owned_dy_);
+void ExpertExchange::start_dispatch_grad(const Tensor& dy) {
+  FLASHMOE_CHECK(dy.defined() && dy.size(0) == tokens_,
+                 "dispatch of dy for " << (dy.defined() ? dy.size(0) : 0)
+                                       << " tokens, expected the " << tokens_ << " of the forward");
+  run_beside(side_.get(), [&] { gather(dy, owned_dy_); });
+}
+
+const Tensor& ExpertExchange::receive_grad() {
+  wait();
   return owned_dy_;
 }
 
 void ExpertExchange::combine_grad(const Tensor& partial_dx, const Tensor& owned_dgates, Tensor& dx,
                                   Tensor& dgates) {
-  scatter_sum(owned_dgates, dgates);
-  run_beside(side_.get(), [&] { scatter_sum(partial_dx, dx); });
+  run_beside(side_.get(), [&] {
+    scatter_sum(owned_dgates, dgates);
+    scatter_sum(partial_dx, dx);
+  });
 }
 
 }  // namespace flashmoe

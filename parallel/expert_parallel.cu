@@ -21,20 +21,36 @@ struct PackRouting {
   }
 };
 
+// A gate as the routing holds it: a float, or its bits packed beside the ids.
+FLASHMOE_HD float gate_value(float gate) { return gate; }
+FLASHMOE_HD float gate_value(int32_t bits) { return bits_float(static_cast<uint32_t>(bits)); }
+
+// Row t of the routing: S global ids at ids_in + t * stride, their gates at
+// gates_in + t * stride.
+template <class Gate>
 struct OwnRouting {
-  const int32_t* routing;
-  int64_t S, first_expert, local_experts;
-  int32_t* ids;
-  float* gates;
+  const int32_t* ids_in;
+  const Gate* gates_in;
+  int64_t stride, S, first_expert, local_experts;
+  int32_t* ids = nullptr;
+  float* gates = nullptr;
   FLASHMOE_HD void operator()(int64_t i) const {
     // An empty slot (id < 0) lands below 0 too, since first_expert >= 0.
-    const int32_t* row = routing + i / S * 2 * S;
-    const int64_t s = i % S, local = int64_t(row[s]) - first_expert;
+    const int64_t at = i / S * stride + i % S, local = int64_t(ids_in[at]) - first_expert;
     const bool mine = local >= 0 && local < local_experts;
     ids[i] = mine ? static_cast<int32_t>(local) : -1;
-    gates[i] = mine ? bits_float(static_cast<uint32_t>(row[S + s])) : 0.0f;
+    gates[i] = mine ? gate_value(gates_in[at]) : 0.0f;
   }
 };
+
+template <class Gate>
+void own_slots(Device device, OwnRouting<Gate> op, int64_t rows, Tensor& ids, Tensor& gates) {
+  ensure(ids, {rows, op.S}, DType::i32, device);
+  ensure(gates, {rows, op.S}, DType::f32, device);
+  op.ids = ids.data<int32_t>();
+  op.gates = gates.data<float>();
+  for_each_index(device, rows * op.S, op, "own_routing");
+}
 
 struct FilledSlot {
   const int32_t* ids;
@@ -56,13 +72,24 @@ void pack_routing(const Tensor& ids, const Tensor& gates, Tensor& routing) {
 
 void own_routing(const Tensor& gathered, int64_t first_expert, int64_t local_experts, Tensor& ids,
                  Tensor& gates) {
-  const int64_t R = gathered.size(0), S = gathered.size(1) / 2;
-  ensure(ids, {R, S}, DType::i32, gathered.device());
-  ensure(gates, {R, S}, DType::f32, gathered.device());
-  for_each_index(gathered.device(), R * S,
-                 OwnRouting{gathered.data<int32_t>(), S, first_expert, local_experts,
-                            ids.data<int32_t>(), gates.data<float>()},
-                 "own_routing");
+  expect_dtype(gathered, DType::i32, "gathered routing");
+  const int64_t S = gathered.size(1) / 2;
+  const int32_t* routing = gathered.data<int32_t>();
+  own_slots(gathered.device(),
+            OwnRouting<int32_t>{routing, routing + S, 2 * S, S, first_expert, local_experts},
+            gathered.size(0), ids, gates);
+}
+
+void own_routing(const Tensor& global_ids, const Tensor& global_gates, int64_t first_expert,
+                 int64_t local_experts, Tensor& ids, Tensor& gates) {
+  expect_dtype(global_ids, DType::i32, "expert ids");
+  expect_shape(global_gates, global_ids.shape(), "gates");
+  expect_dtype(global_gates, DType::f32, "gates");
+  const int64_t S = global_ids.size(1);
+  own_slots(global_ids.device(),
+            OwnRouting<float>{global_ids.data<int32_t>(), global_gates.data<float>(), S, S,
+                              first_expert, local_experts},
+            global_ids.size(0), ids, gates);
 }
 
 void count_filled(const Tensor& ids, Tensor& count, Tensor& workspace) {

@@ -712,6 +712,44 @@ TEST(CpuOps, ExpertsForwardBackwardMatchReferenceDenseAndRowSparse) {
   }
 }
 
+// The forward and the backward's rows phase over token ranges, as separate calls in any
+// order (expert parallelism computes its own tokens first), then the tables phase, give
+// exactly the outputs of one call over every token.
+TEST(CpuOps, ExpertsOverTokenRangesMatchOneCall) {
+  ExpertCase c(33);
+  c.ids[5] = -1;  // an empty slot
+  const int64_t T = c.T, D = c.D, S = c.S;
+  const std::pair<int64_t, int64_t> ranges[] = {{2, 5}, {5, T}, {0, 2}};
+  const ExpertInputs in = c.inputs(Activation::gelu);
+  const Tensor dy = float_tensor(c.dy, {T, D});
+  Tensor y, h;
+  experts_forward(in, y, h);
+  Tensor y_parts = Tensor::zeros({T, D}, DType::f32, Device::cpu);
+  Tensor h_parts = Tensor::zeros({T, S}, DType::f32, Device::cpu);
+  for (const auto& [begin, end] : ranges) {
+    Tensor y_part = y_parts.rows(begin, end), h_part = h_parts.rows(begin, end);
+    experts_forward(in.tokens(begin, end), y_part, h_part);
+  }
+  EXPECT_EQ(y_parts.to_vector<float>(), y.to_vector<float>());
+  EXPECT_EQ(h_parts.to_vector<float>(), h.to_vector<float>());
+  for (GradLayout layout : {GradLayout::dense, GradLayout::row_sparse}) {
+    ExpertGrads whole, parts;
+    experts_backward(in, h, dy, layout, whole);
+    for (const auto& [begin, end] : ranges) {
+      ExpertGrads part = parts.tokens(in, begin, end);
+      experts_backward_rows(in.tokens(begin, end), h.rows(begin, end), dy.rows(begin, end), part);
+    }
+    experts_backward_tables(in, dy, layout, parts);
+    EXPECT_EQ(parts.dx.to_vector<float>(), whole.dx.to_vector<float>());
+    EXPECT_EQ(parts.dgates.to_vector<float>(), whole.dgates.to_vector<float>());
+    EXPECT_EQ(parts.d_down.to_vector<float>(), whole.d_down.to_vector<float>());
+    EXPECT_EQ(parts.d_up.to_vector<float>(), whole.d_up.to_vector<float>());
+    if (layout == GradLayout::row_sparse) {
+      EXPECT_EQ(parts.rows.to_vector<int32_t>(), whole.rows.to_vector<int32_t>());
+    }
+  }
+}
+
 // An empty slot (id < 0) adds nothing: every output equals that of the same slot filled
 // with expert 0 at gate 0 (which adds exact zeros), except h and dgates, which are 0, and
 // the row-sparse rows, which leave out experts only empty slots name.

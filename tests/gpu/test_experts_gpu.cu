@@ -129,6 +129,8 @@ ExpertGrads poisoned_grads(const ExpertInputs& in, GradLayout layout) {
   g.dgates = poisoned(in.ids.shape(), DType::f32);
   g.d_down = poisoned({rows, D}, DType::f32);
   g.d_up = poisoned({rows, D}, DType::f32);
+  g.slot_dh = poisoned(in.ids.shape(), DType::f32);
+  g.slot_a = poisoned(in.ids.shape(), DType::f32);
   if (layout == GradLayout::row_sparse) g.rows = poisoned({rows}, DType::i32, 0x7F);
   return g;
 }
@@ -251,6 +253,55 @@ TEST(ExpertsGpu, BitwiseRepeatable) {
           first.push_back(bytes_of(*outputs[i]));
         } else {
           EXPECT_TRUE(bytes_of(*outputs[i]) == first[i]) << "output " << i << " changed";
+        }
+      }
+    }
+  }
+}
+
+// The forward and the backward's rows phase over token ranges, as separate calls in any
+// order (expert parallelism computes its own tokens first), then the tables phase, give
+// the bytes of one call over every token.
+TEST(ExpertsGpu, TokenRangesMatchOneCall) {
+  FLASHMOE_REQUIRE_GPU();
+  struct Shape4 {
+    int64_t T, D, E, S;
+    DType dtype;
+  };
+  for (const Shape4 c :
+       {Shape4{1001, 768, 4096, 16, DType::bf16}, Shape4{333, 100, 16384, 64, DType::f32}}) {
+    for (IdPattern pattern : {rep, heavy, padded}) {
+      SCOPED_TRACE("T" + std::to_string(c.T) + " ids" + pattern.name);
+      const ExpertInputs in =
+          random_inputs(c.T, c.D, c.E, c.S, c.dtype, Activation::silu, pattern, 77 + c.T);
+      const Tensor dy = random_tensor({c.T, c.D}, c.dtype, 78 + c.T, -1.0f, 1.0f);
+      const std::pair<int64_t, int64_t> ranges[] = {
+          {c.T / 3, 2 * c.T / 3 + 1}, {2 * c.T / 3 + 1, c.T}, {0, c.T / 3}};
+      Tensor y = poisoned({c.T, c.D}, c.dtype), h = poisoned({c.T, c.S}, DType::f32);
+      experts_forward(in, y, h);
+      Tensor y_parts = poisoned({c.T, c.D}, c.dtype), h_parts = poisoned({c.T, c.S}, DType::f32);
+      for (const auto& [begin, end] : ranges) {
+        Tensor y_part = y_parts.rows(begin, end), h_part = h_parts.rows(begin, end);
+        experts_forward(in.tokens(begin, end), y_part, h_part);
+      }
+      EXPECT_TRUE(bytes_of(y_parts) == bytes_of(y));
+      EXPECT_TRUE(bytes_of(h_parts) == bytes_of(h));
+      for (GradLayout layout : {GradLayout::dense, GradLayout::row_sparse}) {
+        SCOPED_TRACE(layout == GradLayout::dense ? "dense" : "row_sparse");
+        ExpertGrads whole = poisoned_grads(in, layout), parts = poisoned_grads(in, layout);
+        experts_backward(in, h, dy, layout, whole);
+        for (const auto& [begin, end] : ranges) {
+          ExpertGrads part = parts.tokens(in, begin, end);
+          experts_backward_rows(in.tokens(begin, end), h.rows(begin, end), dy.rows(begin, end),
+                                part);
+        }
+        experts_backward_tables(in, dy, layout, parts);
+        EXPECT_TRUE(bytes_of(parts.dx) == bytes_of(whole.dx));
+        EXPECT_TRUE(bytes_of(parts.dgates) == bytes_of(whole.dgates));
+        EXPECT_TRUE(bytes_of(parts.d_down) == bytes_of(whole.d_down));
+        EXPECT_TRUE(bytes_of(parts.d_up) == bytes_of(whole.d_up));
+        if (layout == GradLayout::row_sparse) {
+          EXPECT_TRUE(bytes_of(parts.rows) == bytes_of(whole.rows));
         }
       }
     }

@@ -213,6 +213,7 @@ double imbalance_of(Communicator& comm, Device device,
   exchange.start_dispatch(Tensor::zeros({T, 2}, DType::f32, device));
   exchange.dispatch(Tensor::from_vector(ids, {T, S}, device),
                     Tensor::zeros({T, S}, DType::f32, device));
+  exchange.receive();
   return exchange.load_imbalance();
 }
 
