@@ -43,8 +43,8 @@ struct EmbedElement {
 
 // dE[v][c] += sum over the rows r in [begin, end) of the sorted order of dx[order[r]][c].
 template <class T>
-FLASHMOE_HD void add_segment(const T* dx, const int32_t* order, int64_t begin, int64_t end,
-                             int64_t D, int64_t v, int64_t c, float* dtable) {
+void add_segment(const T* dx, const int32_t* order, int64_t begin, int64_t end, int64_t D,
+                 int64_t v, int64_t c, float* dtable) {
   float sum = 0;
   for (int64_t r = begin; r < end; ++r) sum += load_float(dx, int64_t(order[r]) * D + c);
   dtable[v * D + c] += sum;
@@ -75,14 +75,42 @@ __global__ void row_begin_kernel(const uint32_t* sorted_keys, int64_t T, int64_t
   }
 }
 
-// One block per id.
+// One block per id. A frequent id has thousands of rows in a batch of text, so the
+// block's warps split its run of rows (warp w sums rows w, w + kSumWarps, ... of the
+// run, in order) and the lanes the columns; the warps' sums are then added in warp
+// order. The order is fixed, so results repeat bit for bit.
+constexpr int kSumWarps = 8, kColumnsPerLane = 8, kTileColumns = 32 * kColumnsPerLane;
+
 template <class T>
-__global__ void segment_sum_kernel(const T* dx, const int32_t* order, const int32_t* row_begin,
-                                   int64_t D, float* dtable) {
-  const int64_t v = blockIdx.x, begin = row_begin[v], end = row_begin[v + 1];
+__global__ void __launch_bounds__(kSumWarps * 32)
+    segment_sum_kernel(const T* __restrict__ dx, const int32_t* __restrict__ order,
+                       const int32_t* __restrict__ row_begin, int64_t D,
+                       float* __restrict__ dtable) {
+  __shared__ float warp_sums[kSumWarps][kTileColumns];
+  const int64_t v = blockIdx.x;
+  const int begin = row_begin[v], end = row_begin[v + 1];
   if (begin == end) return;
-  for (int64_t c = threadIdx.x; c < D; c += blockDim.x)
-    add_segment(dx, order, begin, end, D, v, c, dtable);
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  for (int64_t tile = 0; tile < D; tile += kTileColumns) {
+    float sum[kColumnsPerLane] = {};
+#pragma unroll 4
+    for (int r = begin + warp; r < end; r += kSumWarps) {
+      const T* row = dx + int64_t(order[r]) * D + tile;
+#pragma unroll
+      for (int k = 0; k < kColumnsPerLane; ++k) {
+        if (tile + lane + 32 * k < D) sum[k] += load_float(row, lane + 32 * k);
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kColumnsPerLane; ++k) warp_sums[warp][lane + 32 * k] = sum[k];
+    __syncthreads();
+    for (int c = static_cast<int>(threadIdx.x); c < kTileColumns && tile + c < D; c += blockDim.x) {
+      float total = 0;
+      for (int w = 0; w < kSumWarps; ++w) total += warp_sums[w][c];
+      dtable[v * D + tile + c] += total;
+    }
+    __syncthreads();
+  }
 }
 
 void embedding_backward_cuda(const Tensor& ids, const Tensor& dx, EmbeddingGradWorkspace& ws,
@@ -118,7 +146,7 @@ void embedding_backward_cuda(const Tensor& ids, const Tensor& dx, EmbeddingGradW
                                                              ws.row_begin.data<int32_t>());
   CUDA_CHECK_LAUNCH("row_begin_kernel");
   with_storage_type(dx.dtype(), [&]<class Storage>() {
-    segment_sum_kernel<<<static_cast<unsigned>(V), 128, 0, stream>>>(
+    segment_sum_kernel<<<static_cast<unsigned>(V), kSumWarps * 32, 0, stream>>>(
         dx.data<Storage>(), ws.sorted_order.data<int32_t>(), ws.row_begin.data<int32_t>(), D,
         dtable.data<float>());
   });

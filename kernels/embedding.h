@@ -8,9 +8,11 @@
 //   embedding_backward: dE[v] += sum over t with ids[t] = v of dx[t]
 //   position_backward:  dP[l] = sum_b dx[b L + l] for l < L, and 0 for rows l >= L
 // Determinism without atomics: the backward groups positions by id with a stable sort
-// (counting sort on the CPU, CUB radix sort on the GPU), sums each id's rows in
-// increasing t in fp32 and adds the sum to dE[v] once; positions use the fixed-order
-// column sum. x and dx are fp32 or bf16, E and P the same dtype, dE and dP fp32.
+// (counting sort on the CPU, CUB radix sort on the GPU), sums each id's rows in fp32
+// in a fixed order (the CPU in increasing t; the GPU in 8 interleaved runs, each in
+// increasing t, then the runs' sums in order) and adds the sum to dE[v] once;
+// positions use the fixed-order column sum. x and dx are fp32 or bf16, E and P the same dtype, dE
+// and dP fp32.
 //
 // Ids outside [0, V): a one-line error on the CPU. The GPU cannot check without a host
 // sync, so it keeps the arithmetic finite and makes the loss NaN instead:

@@ -163,27 +163,42 @@ TEST(ModelGpuOps, OutOfRangeIdsGiveNanLossAndFiniteRows) {
 
 TEST(ModelGpuOps, EmbeddingMatchesCpu) {
   FLASHMOE_REQUIRE_GPU();
-  const int64_t V = 1000, D = 96, L = 50, B = 7, T = B * L;
-  const Tensor ids = random_ids({T}, 40, 12, Device::cpu);  // many repeats of each id
-  const Tensor table = random_values({V, D}, DType::f32, Device::cpu, 13);
-  const Tensor positions = random_values({L + 3, D}, DType::f32, Device::cpu, 14);
-  const Tensor dx = random_values({T, D}, DType::f32, Device::cpu, 15);
-  const Tensor head_grad = random_values({V, D}, DType::f32, Device::cpu, 16);
-  std::vector<double> x[2], dtable[2], dpositions[2];
-  for (Device device : {Device::cpu, Device::cuda}) {
-    Tensor out, dpos = Tensor::empty({L + 3, D}, DType::f32, device);
-    Tensor dt = head_grad.to(device);
-    EmbeddingGradWorkspace workspace;
-    embedding_forward(ids.to(device), table.to(device), positions.to(device), L, out);
-    embedding_backward(ids.to(device), dx.to(device), workspace, dt);
-    position_backward(dx.to(device), L, workspace, dpos);
-    x[int(device)] = out.to_doubles();
-    dtable[int(device)] = dt.to_doubles();
-    dpositions[int(device)] = dpos.to_doubles();
+  struct Case {
+    int64_t V, D, L, B, distinct;
+    DType dtype;
+  };
+  // Many repeats of each id; then thousands of rows on 3 ids, over two column tiles of
+  // the GPU's sum (the second one partial), in bf16.
+  for (const Case c :
+       {Case{1000, 96, 50, 7, 40, DType::f32}, Case{64, 300, 100, 50, 3, DType::bf16}}) {
+    SCOPED_TRACE("D " + std::to_string(c.D));
+    const int64_t V = c.V, D = c.D, L = c.L, T = c.B * L;
+    const Tensor ids = random_ids({T}, c.distinct, 12, Device::cpu);
+    const Tensor table = random_values({V, D}, c.dtype, Device::cpu, 13);
+    const Tensor positions = random_values({L + 3, D}, c.dtype, Device::cpu, 14);
+    const Tensor dx = random_values({T, D}, c.dtype, Device::cpu, 15);
+    const Tensor head_grad = random_values({V, D}, DType::f32, Device::cpu, 16);
+    std::vector<double> x[2], dtable[2], dpositions[2];
+    for (Device device : {Device::cpu, Device::cuda}) {
+      Tensor out, dpos = Tensor::empty({L + 3, D}, DType::f32, device);
+      Tensor dt = head_grad.to(device);
+      EmbeddingGradWorkspace workspace;
+      embedding_forward(ids.to(device), table.to(device), positions.to(device), L, out);
+      embedding_backward(ids.to(device), dx.to(device), workspace, dt);
+      position_backward(dx.to(device), L, workspace, dpos);
+      x[int(device)] = out.to_doubles();
+      dtable[int(device)] = dt.to_doubles();
+      dpositions[int(device)] = dpos.to_doubles();
+      if (device == Device::cuda) {  // again: the same bits
+        Tensor again = head_grad.to(device);
+        embedding_backward(ids.to(device), dx.to(device), workspace, again);
+        EXPECT_EQ(again.to_doubles(), dtable[1]);
+      }
+    }
+    EXPECT_EQ(x[1], x[0]) << "a lookup plus one addition is exact on both";
+    EXPECT_LT(relative_error(dtable[1], dtable[0]), 1e-5);
+    EXPECT_LT(relative_error(dpositions[1], dpositions[0]), 1e-5);
   }
-  EXPECT_EQ(x[1], x[0]) << "a lookup plus one addition is exact on both";
-  EXPECT_LT(relative_error(dtable[1], dtable[0]), 1e-5);
-  EXPECT_LT(relative_error(dpositions[1], dpositions[0]), 1e-5);
 }
 
 // ---- The model ----
