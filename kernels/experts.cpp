@@ -65,10 +65,11 @@ void allocate_rows_phase(const ExpertInputs& in, ExpertGrads& grads) {
   ensure(grads.slot_a, in.ids.shape(), DType::f32, device);
 }
 
-void check_dy(const ExpertInputs& in, const Tensor& dy) {
-  expect_shape(dy, in.x.shape(), "dy");
-  expect_dtype(dy, in.x.dtype(), "dy");
-  expect_device(dy, in.x.device(), "dy");
+void expect_tensor(const Tensor& t, const Shape& shape, DType dtype, Device device,
+                   const char* name) {
+  expect_shape(t, shape, name);
+  expect_dtype(t, dtype, name);
+  expect_device(t, device, name);
 }
 }  // namespace
 
@@ -85,10 +86,8 @@ ExpertGrads ExpertGrads::tokens(const ExpertInputs& in, int64_t begin, int64_t e
 void experts_backward_rows(const ExpertInputs& in, const Tensor& h, const Tensor& dy,
                            ExpertGrads& grads) {
   check_inputs(in);
-  expect_shape(h, in.ids.shape(), "h");
-  expect_dtype(h, DType::f32, "h");
-  expect_device(h, in.x.device(), "h");
-  check_dy(in, dy);
+  expect_tensor(h, in.ids.shape(), DType::f32, in.x.device(), "h");
+  expect_tensor(dy, in.x.shape(), in.x.dtype(), in.x.device(), "dy");
   allocate_rows_phase(in, grads);
   if (in.x.device() == Device::cpu) {
     detail::experts_backward_rows_cpu(in, h, dy, grads);
@@ -100,14 +99,10 @@ void experts_backward_rows(const ExpertInputs& in, const Tensor& h, const Tensor
 void experts_backward_tables(const ExpertInputs& in, const Tensor& dy, GradLayout layout,
                              ExpertGrads& grads) {
   check_inputs(in);
-  check_dy(in, dy);
   const Device device = in.x.device();
-  for (const auto& [slots, name] :
-       {std::pair{&grads.slot_dh, "slot dh"}, {&grads.slot_a, "slot a"}}) {
-    expect_shape(*slots, in.ids.shape(), name);
-    expect_dtype(*slots, DType::f32, name);
-    expect_device(*slots, device, name);
-  }
+  expect_tensor(dy, in.x.shape(), in.x.dtype(), device, "dy");
+  expect_tensor(grads.slot_dh, in.ids.shape(), DType::f32, device, "slot dh");
+  expect_tensor(grads.slot_a, in.ids.shape(), DType::f32, device, "slot a");
   const int64_t E = in.down_embed.size(0), D = in.x.size(1);
   if (layout == GradLayout::dense) {
     ensure(grads.d_down, {E, D}, DType::f32, device);
