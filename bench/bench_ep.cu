@@ -6,9 +6,11 @@
 // the P ranks (NCCL), rank 0 prints the medians of CUDA-event timings, each repetition
 // started from a barrier:
 //   layer fwd (+bwd), 1 GPU:  every rank runs its own unsharded layer, no communication;
-//   layer fwd (+bwd), P GPUs: the sharded layer; 1 GPU / P GPUs is the layer's weak-
-//                             scaling efficiency (the work per GPU is the same);
-//   dispatch, combine, dispatch_grad, combine_grad: the layer's four exchanges alone;
+//   layer fwd (+bwd), P GPUs: the sharded layer, once with each transport (moe.exchange:
+//                             collectives, peer copies); 1 GPU / P GPUs is the layer's
+//                             weak-scaling efficiency (the work per GPU is the same);
+//   dispatch, combine, dispatch_grad, combine_grad: the layer's four exchanges alone,
+//                          over NCCL's collectives;
 //   plain all-to-all:      the communicator's all_to_all (grouped ncclSend/ncclRecv) of
 //                          the bytes that dispatch sends as token rows, from one buffer.
 // An exchange is timed twice: alone after a barrier (which counts the ranks' skew as
@@ -63,13 +65,18 @@ class EpBench {
 
   void run() {
     for (bool backward : {false, true}) {
-      const double layer_1 = layer_ms(nullptr, backward), layer_p = layer_ms(&comm_, backward);
       const std::string op = backward ? "layer fwd+bwd" : "layer fwd";
+      const double layer_1 = layer_ms(nullptr, backward, ExchangeKind::automatic);
       layer_row((op + ", 1 GPU").c_str(), layer_1);
-      layer_row((op + ", P GPUs").c_str(), layer_p);
-      if (comm_.rank() == 0) {
-        std::printf("| %s | %d | %s weak-scaling efficiency | %.0f%% | | | |\n", c_.name,
-                    comm_.size(), op.c_str(), 100.0 * layer_1 / layer_p);
+      if (comm_.size() == 1) continue;
+      for (ExchangeKind kind : {ExchangeKind::collectives, ExchangeKind::peer_copies}) {
+        const double layer_p = layer_ms(&comm_, backward, kind);
+        const std::string name = op + ", P GPUs, " + to_string(kind);
+        layer_row(name.c_str(), layer_p);
+        if (comm_.rank() == 0) {
+          std::printf("| %s | %d | %s weak-scaling efficiency | %.0f%% | | | |\n", c_.name,
+                      comm_.size(), name.c_str(), 100.0 * layer_1 / layer_p);
+        }
       }
     }
     exchanges();
@@ -91,8 +98,10 @@ class EpBench {
                 in_run, bytes_to_peers / 1e6, bytes_to_peers / (in_run * 1e-3) / 1e9);
   }
 
-  double layer_ms(Communicator* comm, bool backward) {
-    FlashMoELayer layer(c_.D, moe_, Device::cuda, DType::bf16, 1, 0, comm);
+  double layer_ms(Communicator* comm, bool backward, ExchangeKind kind) {
+    MoeConfig moe = moe_;
+    moe.exchange = kind;
+    FlashMoELayer layer(c_.D, moe, Device::cuda, DType::bf16, 1, 0, comm);
     return timed([&] {
       layer.forward(x_, true);
       if (backward) layer.backward(dy_);
@@ -110,11 +119,12 @@ class EpBench {
     }
     const Tensor id_tensor = Tensor::from_vector(ids, {T, S}, Device::cuda),
                  gates = random_tensor({T, S}, DType::f32, 5, 1.0f);
-    ExpertExchange exchange(comm_, c_.E, Device::cuda);
+    ExpertExchange exchange(comm_, c_.E, S, Device::cuda, ExchangeKind::collectives);
     const auto dispatch = [&]() -> const ExpertRows& {
       exchange.start_dispatch(x_);
       exchange.dispatch(id_tensor, gates);
-      return exchange.receive();
+      for (int peer : exchange.peers()) exchange.receive(peer);
+      return exchange.owned();
     };
     const ExpertRows& rows = dispatch();
     const int64_t R = rows.x.size(0);
@@ -131,7 +141,7 @@ class EpBench {
         "dispatch_grad (dy)",
         [&] {
           exchange.start_dispatch_grad(dy_);
-          exchange.receive_grad();
+          exchange.owned_dy();
         },
         row_bytes);
     exchange_row(

@@ -40,6 +40,9 @@ constexpr Named<Schedule> kSchedules[] = {{"cosine", Schedule::cosine},
                                           {"constant", Schedule::constant}};
 constexpr Named<DataKind> kDataKinds[] = {
     {"facts", DataKind::facts}, {"text", DataKind::text}, {"tokens", DataKind::tokens}};
+constexpr Named<ExchangeKind> kExchangeKinds[] = {{"auto", ExchangeKind::automatic},
+                                                  {"peer_copies", ExchangeKind::peer_copies},
+                                                  {"collectives", ExchangeKind::collectives}};
 
 // Overloads pick the table from the enum type (the argument's value is not used).
 std::span<const Named<PosEmbedding>> names_of(PosEmbedding) { return kPosEmbeddings; }
@@ -49,6 +52,7 @@ std::span<const Named<Device>> names_of(Device) { return kDevices; }
 std::span<const Named<Precision>> names_of(Precision) { return kPrecisions; }
 std::span<const Named<Schedule>> names_of(Schedule) { return kSchedules; }
 std::span<const Named<DataKind>> names_of(DataKind) { return kDataKinds; }
+std::span<const Named<ExchangeKind>> names_of(ExchangeKind) { return kExchangeKinds; }
 
 template <class E>
 const char* name_of(E value) {
@@ -242,6 +246,7 @@ void visit(V& v, MoeConfig& c) {
   v.real("balance_loss", c.balance_loss, Range{.lo = 0, .hi = 100});
   v.real("bn_momentum", c.bn_momentum, kUnitHalfOpen);
   v.real("bn_eps", c.bn_eps, kUnitOpen);
+  v.choice("exchange", c.exchange);
 }
 
 template <class V>
@@ -718,6 +723,7 @@ const char* to_string(RouterNorm value) { return name_of(value); }
 const char* to_string(Precision value) { return name_of(value); }
 const char* to_string(Schedule value) { return name_of(value); }
 const char* to_string(DataKind value) { return name_of(value); }
+const char* to_string(ExchangeKind value) { return name_of(value); }
 
 RunConfig parse_config(const std::string& yaml_text, const std::string& source_name,
                        const std::vector<std::string>& overrides) {

@@ -19,6 +19,8 @@ enum class RouterNorm : uint8_t { batchnorm, rmsnorm, none };
 enum class Precision : uint8_t { fp32, bf16 };
 enum class Schedule : uint8_t { cosine, constant };
 enum class DataKind : uint8_t { facts, text, tokens };
+// How expert parallelism moves tokens between GPUs (parallel/expert_parallel.h).
+enum class ExchangeKind : uint8_t { automatic, peer_copies, collectives };
 
 // The spelling used in configs ("silu", "batchnorm", ...), for logs and to_yaml.
 const char* to_string(PosEmbedding value);
@@ -27,6 +29,7 @@ const char* to_string(RouterNorm value);
 const char* to_string(Precision value);
 const char* to_string(Schedule value);
 const char* to_string(DataKind value);
+const char* to_string(ExchangeKind value);
 
 struct ModelConfig {
   int64_t vocab = 512;
@@ -54,6 +57,7 @@ struct MoeConfig {
   double balance_loss = 0;  // alpha of the router's load-balancing loss; 0: none
   double bn_momentum = 0.1;
   double bn_eps = 1e-5;
+  ExchangeKind exchange = ExchangeKind::automatic;
   bool operator==(const MoeConfig&) const = default;
 };
 

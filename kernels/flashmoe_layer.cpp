@@ -34,7 +34,8 @@ FlashMoELayer::FlashMoELayer(int64_t dim, const MoeConfig& config, Device device
                  "moe.balance_loss is " << config.balance_loss << ", expected a finite value >= 0");
   if (comm && comm->size() > 1) {
     comm_ = comm;
-    exchange_ = std::make_unique<ExpertExchange>(*comm, E, device);
+    exchange_ =
+        std::make_unique<ExpertExchange>(*comm, E, H * config.top_k, device, config.exchange);
     batchnorm_.sync = [comm](Tensor& partial_sums) { comm->all_reduce_sum(partial_sums); };
   }
   const int64_t local_E = exchange_ ? exchange_->local_experts() : E;
@@ -103,9 +104,14 @@ void FlashMoELayer::backward_norm(const Tensor& dxn) {
 // The shared branch runs on the side stream from the point of fork_shared_branch(), so
 // that its GEMMs can fill what the routed branch leaves idle. The routed branch is
 // queued first: the GPU starts on it while the host is still queueing the GEMMs. The
-// forward forks at its start on one rank, but with P ranks after the experts: the
-// GEMMs then run beside the combine, whose transfer leaves most SMs idle, rather than
-// beside the expert kernels, which need every SM themselves.
+// forward forks at its start on one rank and under peer copies (whose transfers take
+// no SM), but with collectives after the experts: the GEMMs then run beside the
+// combine, whose transfer leaves most SMs idle, rather than beside NCCL's kernels and
+// the expert kernels, which all need SMs.
+bool FlashMoELayer::shared_branch_forks_first() const {
+  return !exchange_ || exchange_->peer_copies();
+}
+
 void FlashMoELayer::fork_shared_branch() {
   if (side_ && config_.shared_intermediate > 0) side_->fork();
 }
@@ -131,8 +137,11 @@ ExpertInputs FlashMoELayer::expert_inputs(const Tensor& x, const Tensor& ids,
 }
 
 // One rank computes its tokens directly; P ranks compute the rows their experts own,
-// those of their own tokens first: these need nothing from the other ranks, so the
-// routing's transfer runs beside them.
+// block by block. Under collectives the own tokens' block goes first: it needs nothing
+// from the other ranks, so the routing's all-gather runs beside it, and the combine is
+// one reduce-scatter after every block. Under peer copies each other rank's partial y
+// leaves as soon as its block is computed, and the own block goes last, covering the
+// last partial's transfer, which the combine waits for.
 void FlashMoELayer::routed_forward(const Tensor& ids, const Tensor& gates) {
   if (!exchange_) {
     expert_in_ = expert_inputs(x_, ids, gates);
@@ -143,13 +152,20 @@ void FlashMoELayer::routed_forward(const Tensor& ids, const Tensor& gates) {
   ensure(y_partial_, {R, dim_}, dtype_, device_);
   ensure(h_, {R, ids.size(1)}, DType::f32, device_);
   const ExpertRows own_rows = exchange_->dispatch(ids, gates);
-  experts_forward_rows(expert_inputs(own_rows.x, own_rows.ids, own_rows.gates), own, own + T);
-  const ExpertRows& owned = exchange_->receive();
-  expert_in_ = expert_inputs(owned.x, owned.ids, owned.gates);
-  for (const auto& [begin, end] : exchange_->other_rows()) {
-    experts_forward_rows(expert_in_.tokens(begin, end), begin, end);
+  const auto own_block = [&] {
+    experts_forward_rows(expert_inputs(own_rows.x, own_rows.ids, own_rows.gates), own, own + T);
+  };
+  if (!exchange_->peer_copies()) own_block();
+  for (int peer : exchange_->peers()) {
+    const ExpertRows rows = exchange_->receive(peer);
+    const int64_t begin = peer * T;
+    experts_forward_rows(expert_inputs(rows.x, rows.ids, rows.gates), begin, begin + T);
+    exchange_->send_partial(peer, y_partial_.rows(begin, begin + T));
   }
-  fork_shared_branch();
+  if (exchange_->peer_copies()) own_block();
+  const ExpertRows& owned = exchange_->owned();
+  expert_in_ = expert_inputs(owned.x, owned.ids, owned.gates);
+  if (!shared_branch_forks_first()) fork_shared_branch();
   exchange_->combine(y_partial_, y_routed_);
 }
 
@@ -160,21 +176,24 @@ void FlashMoELayer::experts_forward_rows(const ExpertInputs& in, int64_t begin, 
   experts_forward(in, y, h);
 }
 
-// With P ranks, the rows of the own tokens first, beside dy's transfer; then the dx
-// and dgates partials return beside the tables' gradients.
+// With P ranks, the rows of the own tokens first, beside dy's transfer; then each
+// other rank's block, whose dx and dgates partials leave while the next is computed;
+// their sums run beside the tables' gradients.
 std::pair<const Tensor*, const Tensor*> FlashMoELayer::routed_backward(const Tensor& dy) {
   if (!exchange_) {
     experts_backward(expert_in_, h_, dy, expert_grad_layout_, expert_grads_);
   } else {
     exchange_->start_dispatch_grad(dy);
-    const int64_t own = exchange_->own_begin();
-    experts_backward_rows_of(dy, own, own + dy.size(0));
-    const Tensor& owned_dy = exchange_->receive_grad();
-    for (const auto& [begin, end] : exchange_->other_rows()) {
-      experts_backward_rows_of(owned_dy.rows(begin, end), begin, end);
+    const int64_t T = dy.size(0), own = exchange_->own_begin();
+    experts_backward_rows_of(dy, own, own + T);
+    for (int peer : exchange_->peers()) {
+      const int64_t begin = peer * T, end = begin + T;
+      experts_backward_rows_of(exchange_->receive_grad(peer), begin, end);
+      exchange_->send_grad_partials(peer, expert_grads_.dx.rows(begin, end),
+                                    expert_grads_.dgates.rows(begin, end));
     }
     exchange_->combine_grad(expert_grads_.dx, expert_grads_.dgates, dx_routed_, dgates_routed_);
-    experts_backward_tables(expert_in_, owned_dy, expert_grad_layout_, expert_grads_);
+    experts_backward_tables(expert_in_, exchange_->owned_dy(), expert_grad_layout_, expert_grads_);
   }
   down_embed_.grad = expert_grads_.d_down;
   up_embed_.grad = expert_grads_.d_up;
@@ -199,11 +218,8 @@ const Tensor& FlashMoELayer::forward(const Tensor& x, bool training) {
   expect_device(x, device_, "layer input");
   const int64_t T = x.size(0), H = config_.heads, K = config_.top_k;
   x_ = x;
-  if (exchange_) {
-    exchange_->start_dispatch(x_);  // x travels while the router runs
-  } else {
-    fork_shared_branch();
-  }
+  if (exchange_) exchange_->start_dispatch(x_);  // x travels while the router runs
+  if (shared_branch_forks_first()) fork_shared_branch();
   forward_norm(training);
   // fp32 logits even with bf16 storage: bf16 would tie many keys, and the tie rule
   // (smaller id first) would then bias the selection toward low expert ids.

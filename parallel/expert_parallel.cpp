@@ -3,28 +3,67 @@
 #include <algorithm>
 #include <vector>
 
+#include "core/log.h"
+
 namespace flashmoe {
 
-ExpertExchange::ExpertExchange(const Communicator& comm, int64_t num_experts, Device device)
-    : comm_(comm.duplicate()) {
-  const int P = comm.size();
+namespace {
+
+// The peer inboxes, in PeerMemory's buffer order.
+enum Inbox : int { kXInbox, kRoutingInbox, kDyInbox, kYInbox, kDxInbox, kDgatesInbox };
+// The flags of a round: the credit, then one per block that lands.
+enum Flag : int { kCredit, kXLanded, kRoutingLanded, kYLanded, kDyLanded, kDxLanded, kFlagKinds };
+
+void expect_block(const Tensor& t, int64_t rows, int64_t width, DType dtype, const char* what) {
+  FLASHMOE_CHECK(t.defined() && t.rank() == 2 && t.size(0) == rows && t.size(1) == width,
+                 what << " has shape " << (t.defined() ? shape_string(t.shape()) : "undefined")
+                      << ", expected [" << rows << ", " << width << "]");
+  expect_dtype(t, dtype, what);
+}
+
+}  // namespace
+
+ExpertExchange::ExpertExchange(const Communicator& comm, int64_t num_experts, int64_t slots,
+                               Device device, ExchangeKind kind)
+    : comm_(comm.duplicate()), slots_(slots), kind_(kind) {
+  const int P = comm.size(), rank = comm.rank();
   FLASHMOE_CHECK(num_experts % P == 0, "moe.num_experts is " << num_experts
                                                              << ", expected a multiple of the " << P
                                                              << " ranks");
+  FLASHMOE_CHECK(slots >= 1, "tokens carry " << slots << " expert slots, expected >= 1");
+  FLASHMOE_CHECK(device == Device::cuda || kind != ExchangeKind::peer_copies,
+                 "moe.exchange is peer_copies on the cpu backend, expected GPUs (or auto, "
+                 "collectives)");
+  if (device == Device::cpu) kind_ = ExchangeKind::collectives;
   local_experts_ = num_experts / P;
-  first_expert_ = comm.rank() * local_experts_;
+  first_expert_ = rank * local_experts_;
+  for (int k = 1; k < P; ++k) peers_.push_back((rank + k) % P);
+  send_order_.assign(peers_.rbegin(), peers_.rend());
   if (device == Device::cuda) side_ = std::make_unique<SideStream>(StreamPriority::high);
+}
+
+ExpertExchange::~ExpertExchange() = default;
+
+void ExpertExchange::join_lanes() {
+  if (dispatch_lane_) dispatch_lane_->join();
+  for (const auto& lane : lanes_) lane->join();
 }
 
 void ExpertExchange::wait() {
   if (side_) side_->join();
+  join_lanes();
 }
 
-void ExpertExchange::check_tokens(int64_t tokens, Device device) {
-  if (tokens == tokens_) return;
+void ExpertExchange::prepare(const Tensor& x) {
+  FLASHMOE_CHECK(x.defined() && x.rank() == 2,
+                 "dispatch of x with shape "
+                     << (x.defined() ? shape_string(x.shape()) : "undefined")
+                     << ", expected [T, D]");
+  const int64_t tokens = x.size(0);
+  if (tokens == tokens_ && x.size(1) == width_ && x.dtype() == dtype_) return;
   const int P = comm_->size();
-  Tensor mine = Tensor::from_vector(std::vector<int64_t>{tokens}, {1}, device);
-  Tensor all = Tensor::empty({P}, DType::i64, device);
+  Tensor mine = Tensor::from_vector(std::vector<int64_t>{tokens}, {1}, x.device());
+  Tensor all = Tensor::empty({P}, DType::i64, x.device());
   comm_->all_gather(mine, all);
   const std::vector<int64_t> counts = all.to_vector<int64_t>();
   for (int p = 0; p < P; ++p) {
@@ -35,6 +74,42 @@ void ExpertExchange::check_tokens(int64_t tokens, Device device) {
                                                    "parallelism exchanges fixed-size blocks)");
   }
   tokens_ = tokens;
+  width_ = x.size(1);
+  dtype_ = x.dtype();
+  if (kind_ != ExchangeKind::collectives) map_peer_inboxes(x);
+}
+
+// Every rank (re)maps together: the barrier orders every rank's last copies into the
+// old inboxes, and its unmapping of them, before they are freed.
+void ExpertExchange::map_peer_inboxes(const Tensor& x) {
+  wait();
+  peer_.reset();
+  comm_->barrier();
+  const int64_t R = comm_->size() * tokens_, S = slots_;
+  owned_.x = Tensor::empty({R, width_}, dtype_, x.device());
+  gathered_routing_ = Tensor::empty({R, 2 * S}, DType::i32, x.device());
+  owned_dy_ = Tensor::empty({R, width_}, dtype_, x.device());
+  y_inbox_ = Tensor::empty({R, width_}, dtype_, x.device());
+  dx_inbox_ = Tensor::empty({R, width_}, dtype_, x.device());
+  dgates_inbox_ = Tensor::empty({R, S}, DType::f32, x.device());
+  std::string why;
+  peer_ = PeerMemory::map(
+      *comm_, {owned_.x, gathered_routing_, owned_dy_, y_inbox_, dx_inbox_, dgates_inbox_},
+      kFlagKinds, why);
+  if (!peer_) {
+    FLASHMOE_CHECK(kind_ == ExchangeKind::automatic,
+                   "moe.exchange is peer_copies, but " << why
+                                                       << "; expected GPUs of one host with peer "
+                                                          "access (or moe.exchange: collectives)");
+    FLASHMOE_LOG(info, "expert exchange: collectives, since " << why);
+    kind_ = ExchangeKind::collectives;
+    y_inbox_ = dx_inbox_ = dgates_inbox_ = Tensor();
+    return;
+  }
+  if (!dispatch_lane_) dispatch_lane_ = std::make_unique<SideStream>(StreamPriority::high);
+  while (lanes_.size() < static_cast<size_t>(comm_->size())) {
+    lanes_.push_back(std::make_unique<SideStream>(StreamPriority::high));
+  }
 }
 
 void ExpertExchange::gather(const Tensor& send, Tensor& recv) {
@@ -51,20 +126,43 @@ void ExpertExchange::scatter_sum(const Tensor& partials, Tensor& out) {
   comm_->reduce_scatter_sum(partials, out);
 }
 
+void ExpertExchange::send_block(SideStream& lane, int peer, int inbox, const Tensor& src,
+                                int landed) {
+  lane.fork();
+  peer_->put(peer, inbox, comm_->rank() * src.nbytes(), src, lane.stream());
+  peer_->raise(peer, landed, lane.stream());
+}
+
 void ExpertExchange::start_dispatch(const Tensor& x) {
-  check_tokens(x.size(0), x.device());
+  prepare(x);
   x_ = x;
-  run_beside(side_.get(), [&] { gather(x, owned_.x); });
+  gathered_ = false;
+  if (!peer_) {
+    run_beside(side_.get(), [&] { gather(x, owned_.x); });
+    return;
+  }
+  // The last round is done here (its reads of the inboxes and its copies): so say.
+  wait();
+  for (int p : peers_) peer_->raise(p, kCredit, current_stream());
+  for (int p : send_order_) {
+    peer_->wait(p, kCredit, dispatch_lane_->stream());
+    send_block(*dispatch_lane_, p, kXInbox, x, kXLanded);
+  }
+  const int64_t own = own_begin();
+  Tensor own_x = owned_.x.rows(own, own + tokens_);
+  run_beside(lanes_[comm_->rank()].get(), [&] { own_x.copy_from(x); });
 }
 
 ExpertRows ExpertExchange::dispatch(const Tensor& ids, const Tensor& gates) {
-  FLASHMOE_CHECK(ids.defined() && ids.size(0) == tokens_, "dispatch of routing for "
-                                                              << (ids.defined() ? ids.size(0) : 0)
-                                                              << " tokens, expected the " << tokens_
-                                                              << " of start_dispatch");
+  expect_block(ids, tokens_, slots_, DType::i32, "expert ids of the dispatch");
   detail::pack_routing(ids, gates, routing_);
-  run_beside(side_.get(), [&] { gather(routing_, gathered_routing_); });
-  const int64_t R = comm_->size() * tokens_, S = ids.size(1);
+  if (peer_) {
+    for (int p : send_order_)
+      send_block(*dispatch_lane_, p, kRoutingInbox, routing_, kRoutingLanded);
+  } else {
+    run_beside(side_.get(), [&] { gather(routing_, gathered_routing_); });
+  }
+  const int64_t R = comm_->size() * tokens_, S = slots_;
   ensure(owned_.ids, {R, S}, DType::i32, ids.device());
   ensure(owned_.gates, {R, S}, DType::f32, ids.device());
   const int64_t begin = own_begin(), end = begin + tokens_;
@@ -73,20 +171,32 @@ ExpertRows ExpertExchange::dispatch(const Tensor& ids, const Tensor& gates) {
   return own;
 }
 
-const ExpertRows& ExpertExchange::receive() {
+void ExpertExchange::unpack_gathered() {
+  if (gathered_) return;
   wait();
-  for (const auto& [begin, end] : other_rows()) {
-    if (begin == end) continue;
+  for (int p : peers_) {
+    const int64_t begin = p * tokens_, end = begin + tokens_;
     Tensor ids = owned_.ids.rows(begin, end), gates = owned_.gates.rows(begin, end);
     detail::own_routing(gathered_routing_.rows(begin, end), first_expert_, local_experts_, ids,
                         gates);
   }
-  return owned_;
+  gathered_ = true;
 }
 
-std::array<std::pair<int64_t, int64_t>, 2> ExpertExchange::other_rows() const {
-  const int64_t begin = own_begin(), end = begin + tokens_;
-  return {{{0, begin}, {end, comm_->size() * tokens_}}};
+ExpertRows ExpertExchange::receive(int peer) {
+  FLASHMOE_CHECK(peer >= 0 && peer < comm_->size() && peer != comm_->rank(),
+                 "receive of block " << peer << ", expected another rank's");
+  const int64_t begin = peer * tokens_, end = begin + tokens_;
+  if (peer_) {
+    peer_->wait(peer, kXLanded, current_stream());
+    peer_->wait(peer, kRoutingLanded, current_stream());
+    Tensor ids = owned_.ids.rows(begin, end), gates = owned_.gates.rows(begin, end);
+    detail::own_routing(gathered_routing_.rows(begin, end), first_expert_, local_experts_, ids,
+                        gates);
+  } else {
+    unpack_gathered();
+  }
+  return {owned_.x.rows(begin, end), owned_.ids.rows(begin, end), owned_.gates.rows(begin, end)};
 }
 
 double ExpertExchange::load_imbalance() {
@@ -104,25 +214,82 @@ double ExpertExchange::load_imbalance() {
   return total > 0 ? most * P / total : 1.0;
 }
 
-void ExpertExchange::combine(const Tensor& partial_y, Tensor& y) { scatter_sum(partial_y, y); }
+void ExpertExchange::send_partial(int peer, const Tensor& partial) {
+  if (!peer_) return;
+  expect_block(partial, tokens_, width_, dtype_, "partial y");
+  send_block(*lanes_[peer], peer, kYInbox, partial, kYLanded);
+}
+
+void ExpertExchange::combine(const Tensor& partial_y, Tensor& y) {
+  if (!peer_) {
+    scatter_sum(partial_y, y);
+    return;
+  }
+  for (int p : peers_) peer_->wait(p, kYLanded, current_stream());
+  const int64_t own = own_begin();
+  detail::sum_blocks(y_inbox_, partial_y.rows(own, own + tokens_), comm_->rank(), y);
+  join_lanes();
+}
 
 void ExpertExchange::start_dispatch_grad(const Tensor& dy) {
   FLASHMOE_CHECK(dy.defined() && dy.size(0) == tokens_,
                  "dispatch of dy for " << (dy.defined() ? dy.size(0) : 0)
                                        << " tokens, expected the " << tokens_ << " of the forward");
-  run_beside(side_.get(), [&] { gather(dy, owned_dy_); });
+  grad_gathered_ = false;
+  if (!peer_) {
+    run_beside(side_.get(), [&] { gather(dy, owned_dy_); });
+    return;
+  }
+  expect_block(dy, tokens_, width_, dtype_, "dy");
+  for (int p : send_order_) send_block(*dispatch_lane_, p, kDyInbox, dy, kDyLanded);
+  const int64_t own = own_begin();
+  Tensor own_dy = owned_dy_.rows(own, own + tokens_);
+  run_beside(lanes_[comm_->rank()].get(), [&] { own_dy.copy_from(dy); });
 }
 
-const Tensor& ExpertExchange::receive_grad() {
-  wait();
+Tensor ExpertExchange::receive_grad(int peer) {
+  FLASHMOE_CHECK(peer >= 0 && peer < comm_->size() && peer != comm_->rank(),
+                 "receive of dy block " << peer << ", expected another rank's");
+  if (peer_) {
+    peer_->wait(peer, kDyLanded, current_stream());
+  } else {
+    owned_dy();
+  }
+  return owned_dy_.rows(peer * tokens_, (peer + 1) * tokens_);
+}
+
+const Tensor& ExpertExchange::owned_dy() {
+  if (peer_) {
+    lanes_[comm_->rank()]->join();  // the own block's copy
+  } else if (!grad_gathered_) {
+    wait();
+    grad_gathered_ = true;
+  }
   return owned_dy_;
+}
+
+void ExpertExchange::send_grad_partials(int peer, const Tensor& partial_dx, const Tensor& dgates) {
+  if (!peer_) return;
+  expect_block(partial_dx, tokens_, width_, dtype_, "partial dx");
+  expect_block(dgates, tokens_, slots_, DType::f32, "dgates");
+  SideStream& lane = *lanes_[peer];
+  lane.fork();
+  peer_->put(peer, kDgatesInbox, comm_->rank() * dgates.nbytes(), dgates, lane.stream());
+  send_block(lane, peer, kDxInbox, partial_dx, kDxLanded);
 }
 
 void ExpertExchange::combine_grad(const Tensor& partial_dx, const Tensor& owned_dgates, Tensor& dx,
                                   Tensor& dgates) {
   run_beside(side_.get(), [&] {
-    scatter_sum(owned_dgates, dgates);
-    scatter_sum(partial_dx, dx);
+    if (!peer_) {
+      scatter_sum(owned_dgates, dgates);
+      scatter_sum(partial_dx, dx);
+      return;
+    }
+    for (int p : peers_) peer_->wait(p, kDxLanded, current_stream());
+    const int64_t own = own_begin(), end = own + tokens_;
+    detail::sum_blocks(dgates_inbox_, owned_dgates.rows(own, end), comm_->rank(), dgates);
+    detail::sum_blocks(dx_inbox_, partial_dx.rows(own, end), comm_->rank(), dx);
   });
 }
 

@@ -52,6 +52,28 @@ void own_slots(Device device, OwnRouting<Gate> op, int64_t rows, Tensor& ids, Te
   for_each_index(device, rows * op.S, op, "own_routing");
 }
 
+// out = the sum over p < blocks of block p [n] of the inbox, or `own_block` for p = own,
+// in that order, in fp32.
+template <class T>
+struct SumBlocks {
+  const T* inbox;
+  const T* own_block;
+  int64_t n;
+  int blocks, own;
+  T* out;
+  template <int W>
+  FLASHMOE_HD void operator()(int64_t i) const {
+    float sum[W] = {};
+    for (int p = 0; p < blocks; ++p) {
+      const Lanes<W, T> v = load_lanes<W>(p == own ? own_block : inbox + p * n, i);
+      for (int k = 0; k < W; ++k) sum[k] += load_float(v.v, k);
+    }
+    Lanes<W, T> r;
+    for (int k = 0; k < W; ++k) store_float(r.v, k, sum[k]);
+    store_lanes<W>(out, i, r);
+  }
+};
+
 struct FilledSlot {
   const int32_t* ids;
   FLASHMOE_HD double operator()(int64_t i, int64_t) const { return ids[i] >= 0 ? 1.0 : 0.0; }
@@ -90,6 +112,31 @@ void own_routing(const Tensor& global_ids, const Tensor& global_gates, int64_t f
             OwnRouting<float>{global_ids.data<int32_t>(), global_gates.data<float>(), S, S,
                               first_expert, local_experts},
             global_ids.size(0), ids, gates);
+}
+
+void sum_blocks(const Tensor& inbox, const Tensor& own_block, int own, Tensor& out) {
+  if (own_block.defined() && own_block.numel() == 0) {
+    ensure(out, own_block.shape(), own_block.dtype(), own_block.device());
+    return;
+  }
+  FLASHMOE_CHECK(own_block.defined() && own_block.rank() >= 1 && inbox.defined() &&
+                     inbox.size(0) % own_block.size(0) == 0 &&
+                     inbox.numel() / inbox.size(0) == own_block.numel() / own_block.size(0) &&
+                     own >= 0 && own < inbox.size(0) / own_block.size(0),
+                 "sum of blocks: inbox " << shape_string(inbox.shape()) << ", own block "
+                                         << shape_string(own_block.shape()) << " at " << own
+                                         << ", expected an inbox of whole blocks that holds block "
+                                         << own);
+  const int blocks = static_cast<int>(inbox.size(0) / own_block.size(0));
+  expect_dtype(inbox, own_block.dtype(), "inbox");
+  expect_device(inbox, own_block.device(), "inbox");
+  ensure(out, own_block.shape(), own_block.dtype(), own_block.device());
+  with_storage_type(own_block.dtype(), [&]<class T>() {
+    const SumBlocks<T> op{inbox.data<T>(), own_block.data<T>(), own_block.numel(), blocks, own,
+                          out.data<T>()};
+    for_each_pack(own_block.device(), own_block.numel(), op, "sum_blocks",
+                  {op.inbox, op.own_block, op.out});
+  });
 }
 
 void count_filled(const Tensor& ids, Tensor& count, Tensor& workspace) {

@@ -5,10 +5,10 @@
 // Every rank has T tokens, each routed to S = H*K global expert ids. With fine-grained
 // experts nearly every token has a slot on every owner (S = 16 slots over P = 4 owners
 // miss an owner with probability (3/4)^16 = 1%), so every token goes to every owner:
-// the exchanges are collectives of fixed size, no count depends on the routing, and
+// the exchanges move blocks of fixed size, no count depends on the routing, and
 // nothing needs the host. Forward:
-//   dispatch: an all-gather of x [T, D] and of the routing (ids and gate bits packed
-//             in one int32 [T, 2S]): every owner gets every rank's rows, ranks and
+//   dispatch: x [T, D] and the routing (ids and gate bits packed in one int32
+//             [T, 2S]) of every rank to every owner: it gets every rank's rows, ranks and
 //             tokens ascending (R = P T rows; block r holds rank r's tokens). The owner
 //             keeps the slots whose expert it owns, as local ids and gates; the other
 //             slots are empty (id -1, gate 0), so they read no table row and add exact
@@ -16,39 +16,53 @@
 //             backward's sort, as keys after every expert). An id outside [0, E) is
 //             empty on every owner.
 //   the owner runs experts_forward on the rows it received (its ExpertRows), and
-//   combine:  a reduce-scatter of the partial y [R, D]: each rank gets, for its own
-//             tokens, the sum of the P owners' partials.
-// Backward mirrors it: dy is all-gathered, the owner runs experts_backward
-// (its table gradients are then complete), and combine_grad reduce-scatters the dx and
-// dgates partials (a slot's dgates is nonzero on its owner only).
+//   combine:  the partial y [R, D] back, block r to rank r: each rank gets, for its
+//             own tokens, the sum of the P owners' partials.
+// Backward mirrors it: dy goes to every owner, the owner runs experts_backward (its
+// table gradients are then complete), and combine_grad sums the dx and dgates partials
+// the same way (a slot's dgates is nonzero on its owner only).
 //
-// The sums' order is fixed for a world size (Communicator::reduce_scatter_sum), so
-// results repeat bit for bit. Every rank must hold as many tokens; the ranks' counts
-// are compared (one host synchronisation) only when this rank's T changes (every rank
-// changes on the same call: the data loader gives every rank as many tokens).
-// Otherwise the steps only queue device work and communication, so a warmed-up layer
-// can be captured in a CUDA graph. Every rank calls the steps together and in order
-// (they are collectives).
+// Two transports move the blocks (moe.exchange):
+// - collectives: the all-gathers and reduce-scatters of the Communicator (NCCL on
+//   GPUs, MPI on the CPU). The sums' order is fixed for a world size
+//   (Communicator::reduce_scatter_sum), so results repeat bit for bit.
+// - peer copies (GPUs of one host, parallel/peer_memory.h): every block is written
+//   straight into its owner's memory by the sender's copy engines, which leaves every
+//   SM to the kernels, and block by block: the owner computes a rank's rows as soon as
+//   they have landed, and sends each rank its partial y as soon as it is computed,
+//   while it computes the next. The receiver sums the P partials in rank order, in
+//   fp32, so results repeat bit for bit.
+//   Rounds: a round is one forward and its backward. At the start of a round a rank
+//   raises a credit at every peer (it is done with the inboxes of the last round), and
+//   a rank writes into a peer's inboxes only after that peer's credit for the round.
+//
+// Every rank must hold as many tokens; the ranks' counts are compared (one host
+// synchronisation) only when this rank's T changes (every rank changes on the same
+// call: the data loader gives every rank as many tokens), and the peer inboxes are
+// then allocated and mapped again. Otherwise the steps only queue device work and
+// communication. Every rank calls the steps together and in order (they are
+// collectives), and the backward of a round at most once.
 //
 // Overlap. The exchange has its own duplicate of the layer's communicator, so its
 // transfers are ordered apart from the layer's other collectives (the batchnorm
-// statistics), and on the GPU a high-priority side stream where every transfer but the
-// combine runs, beside the caller's work. The owner's own tokens (block `rank` of its
-// rows) need nothing from the others, so the caller computes their rows while the
-// others' are on the way: the routing's transfer in the forward, dy's in the backward.
-// x starts as the layer begins, beside the norm and the router; the dx and dgates
-// partials return beside the expert tables' gradients. receive(), receive_grad() and
-// wait() join the transfers.
+// statistics), and on the GPU its own streams beside the caller's work. The owner's
+// own tokens (block `rank` of its rows) need nothing from the others, so the caller
+// computes their rows while the others' are on the way: the routing's transfer in the
+// forward, dy's in the backward. x starts as the layer begins, beside the norm and the
+// router; the dx and dgates partials return beside the expert tables' gradients.
 #pragma once
 
 #include <array>
 #include <cstdint>
 #include <memory>
 #include <utility>
+#include <vector>
 
+#include "core/config.h"
 #include "core/stream.h"
 #include "core/tensor.h"
 #include "parallel/communicator.h"
+#include "parallel/peer_memory.h"
 
 namespace flashmoe {
 
@@ -59,30 +73,46 @@ struct ExpertRows {
 
 class ExpertExchange {
  public:
-  // Throws unless num_experts is a multiple of the world size. `device` holds the
-  // tensors exchanged.
-  ExpertExchange(const Communicator& comm, int64_t num_experts, Device device);
+  // Throws unless num_experts is a multiple of the world size. Tokens carry `slots`
+  // expert slots (S = H K). `device` holds the tensors exchanged; `kind` picks the
+  // transport (automatic: peer copies where every rank maps every peer's memory).
+  ExpertExchange(const Communicator& comm, int64_t num_experts, int64_t slots, Device device,
+                 ExchangeKind kind = ExchangeKind::automatic);
+  ~ExpertExchange();
 
   int64_t first_expert() const { return first_expert_; }
   int64_t local_experts() const { return local_experts_; }
+  // The transport in use; `automatic` is resolved at the first dispatch.
+  bool peer_copies() const { return peer_ != nullptr; }
 
   // Forward. start_dispatch(x) sends x [T, D] of this rank's tokens toward every
   // owner. dispatch(ids, gates) sends their routing [T, S] and returns, at once, the
-  // rows they give this rank's shard: rows [own_begin, own_begin + T) of the owned
-  // rows (x is the caller's). receive() waits for the others and returns all R owned
-  // rows.
+  // rows they give this rank's shard: block `rank` of the owned rows (x is the
+  // caller's).
   void start_dispatch(const Tensor& x);
   ExpertRows dispatch(const Tensor& ids, const Tensor& gates);
-  const ExpertRows& receive();
+  // The other ranks, in the order their blocks are received and computed: rank + 1,
+  // rank + 2, ... (mod P), so that at each step every rank serves another one.
+  const std::vector<int>& peers() const { return peers_; }
+  // Block `peer` of the owned rows (that rank's T tokens), once it has arrived.
+  ExpertRows receive(int peer);
+  // All R = P T owned rows, after every receive.
+  const ExpertRows& owned() const { return owned_; }
   int64_t own_begin() const { return comm_->rank() * tokens_; }
-  // The owned rows of the other ranks' tokens: [0, own_begin) and [own_begin + T, R).
-  std::array<std::pair<int64_t, int64_t>, 2> other_rows() const;
+  // The partial y [T, D] of block `peer`, sent once the caller's stream has computed it
+  // (the collectives send every block in combine).
+  void send_partial(int peer, const Tensor& partial);
   // Partial y [R, D] of the owned rows -> y [T, D] of this rank's tokens.
   void combine(const Tensor& partial_y, Tensor& y);
+
   // Backward. start_dispatch_grad(dy) sends dy [T, D] toward every owner (the own rows
-  // use dy itself); receive_grad() waits and returns the owned rows' dy [R, D].
+  // use dy itself); receive_grad(peer) returns block `peer` of the owned rows' dy once
+  // it has arrived, owned_dy() all R rows' after every receive_grad.
   void start_dispatch_grad(const Tensor& dy);
-  const Tensor& receive_grad();
+  Tensor receive_grad(int peer);
+  const Tensor& owned_dy();
+  // The dx [T, D] and dgates [T, S] partials of block `peer`, sent once computed.
+  void send_grad_partials(int peer, const Tensor& partial_dx, const Tensor& dgates);
   // The owned rows' dx partials [R, D] and dgates [R, S] -> dx [T, D] and dgates
   // [T, S], summed beside the caller's next work: wait() before reading either. The
   // partials must stay unchanged until then.
@@ -97,21 +127,43 @@ class ExpertExchange {
   double load_imbalance();
 
  private:
-  // Checks, when T changes, that every rank holds T tokens.
-  void check_tokens(int64_t tokens, Device device);
+  // Checks, when the batch's layout changes, that every rank holds T tokens, and
+  // (re)allocates and maps the peer inboxes.
+  void prepare(const Tensor& x);
+  void map_peer_inboxes(const Tensor& x);
   // send [T, ...] -> recv [P T, ...], every rank's rows.
   void gather(const Tensor& send, Tensor& recv);
   // partials [P T, ...] -> out [T, ...], summed over the owners.
   void scatter_sum(const Tensor& partials, Tensor& out);
+  // Peer copies: on `lane`, after the caller's stream so far, `src` to block `rank` of
+  // `peer`'s inbox `inbox`, then flag `landed` raised there.
+  void send_block(SideStream& lane, int peer, int inbox, const Tensor& src, int landed);
+  // Collectives: waits for the gathered routing and unpacks every other rank's rows.
+  void unpack_gathered();
+  void join_lanes();
 
   std::unique_ptr<Communicator> comm_;
   std::unique_ptr<SideStream> side_;  // GPU only
-  int64_t first_expert_, local_experts_;
-  int64_t tokens_ = -1;
+  int64_t first_expert_, local_experts_, slots_;
+  ExchangeKind kind_;
+  std::vector<int> peers_;
+  // What every owner needs (x, routing, dy) leaves on one lane, to rank - 1 first, then
+  // rank - 2, ...: each receiver computes rank + 1's block first, so its first block
+  // lands after one copy at full rate, not after all of them at a share of it.
+  std::vector<int> send_order_;
+  int64_t tokens_ = -1, width_ = -1;
+  DType dtype_ = DType::f32;
   Tensor x_;  // this rank's tokens, from start_dispatch
   ExpertRows owned_;
-  // Reused buffers.
-  Tensor routing_, gathered_routing_, owned_dy_, count_workspace_;
+  bool gathered_ = false, grad_gathered_ = false;
+  // Reused buffers. The inboxes (x in owned_.x, routing, dy, y, dx, dgates) are mapped
+  // by every peer under peer copies.
+  Tensor routing_, gathered_routing_, owned_dy_, y_inbox_, dx_inbox_, dgates_inbox_;
+  Tensor count_workspace_;
+  std::unique_ptr<PeerMemory> peer_;
+  std::unique_ptr<SideStream> dispatch_lane_;
+  // One per rank: the partials sent to it (the own one: the local copies of x and dy).
+  std::vector<std::unique_ptr<SideStream>> lanes_;
 };
 
 namespace detail {
@@ -125,6 +177,9 @@ void own_routing(const Tensor& gathered, int64_t first_expert, int64_t local_exp
 // The same from unpacked routing: global ids and gates [T, S] -> ids, gates [T, S].
 void own_routing(const Tensor& global_ids, const Tensor& global_gates, int64_t first_expert,
                  int64_t local_experts, Tensor& ids, Tensor& gates);
+// out [n, ...] = the sum over p < P of block p of inbox [P n, ...], with own_block in
+// place of block `own`, in rank order, accumulated in fp32 (fp32 or bf16 storage).
+void sum_blocks(const Tensor& inbox, const Tensor& own_block, int own, Tensor& out);
 // count [1] fp64 = the slots of ids (any shape, int32) that are filled (id >= 0).
 void count_filled(const Tensor& ids, Tensor& count, Tensor& workspace);
 }  // namespace detail

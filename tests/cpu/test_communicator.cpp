@@ -1,13 +1,47 @@
 // The single-rank communicator and the argument checks every all_to_all shares.
 #include <gtest/gtest.h>
 
+#include "core/bf16.h"
 #include "parallel/communicator.h"
+#include "parallel/expert_parallel.h"
 #include "tests/test_util.h"
 
 namespace flashmoe {
 namespace {
 
 using test::error_of;
+
+// The expert exchange's sum of P partials: block p of the inbox, the own block in
+// place of block `own`, added in rank order in fp32 and rounded once.
+TEST(Communicator, SumBlocksAddsInRankOrderAndRoundsOnce) {
+  const int64_t n = 2, width = 5, blocks = 3, own = 1;
+  std::vector<float> inbox(blocks * n * width), own_block(n * width);
+  for (size_t i = 0; i < inbox.size(); ++i) inbox[i] = 1.0f + 0.001f * float(i);
+  for (size_t i = 0; i < own_block.size(); ++i) own_block[i] = -0.5f + 0.003f * float(i);
+  for (DType dtype : {DType::f32, DType::bf16}) {
+    SCOPED_TRACE(dtype_name(dtype));
+    const Tensor in = Tensor::from_floats(inbox, {blocks * n, width}, dtype, Device::cpu),
+                 mine = Tensor::from_floats(own_block, {n, width}, dtype, Device::cpu);
+    const std::vector<float> stored_in = in.to_floats(), stored_mine = mine.to_floats();
+    Tensor sum;
+    detail::sum_blocks(in, mine, own, sum);
+    const std::vector<float> got = sum.to_floats();
+    for (int64_t i = 0; i < n * width; ++i) {
+      float want = 0;
+      for (int64_t p = 0; p < blocks; ++p) {
+        want += p == own ? stored_mine[i] : stored_in[p * n * width + i];
+      }
+      EXPECT_EQ(got[i], dtype == DType::bf16 ? round_bf16(want) : want) << "element " << i;
+    }
+  }
+  const Tensor ragged = Tensor::zeros({5, width}, DType::f32, Device::cpu);
+  Tensor out;
+  EXPECT_NE(
+      error_of([&] {
+        detail::sum_blocks(ragged, Tensor::zeros({n, width}, DType::f32, Device::cpu), 0, out);
+      }).find("expected an inbox of whole blocks"),
+      std::string::npos);
+}
 
 TEST(Communicator, LayoutGivesBytesAndOffsetsPerPeer) {
   Tensor send = Tensor::zeros({5, 3}, DType::f32, Device::cpu);

@@ -70,7 +70,8 @@ TEST(ConfigDefaults, AbsentExpertLrFollowsLr) {
 TEST(ConfigValues, ParsesEveryType) {
   RunConfig config = parse_config(
       "model: {pos_embedding: learned, norm_eps: 1.0e-6}\n"
-      "moe: {act: gelu, router_norm: none, norm_topk_prob: true, balance_loss: 0.01}\n"
+      "moe: {act: gelu, router_norm: none, norm_topk_prob: true, balance_loss: 0.01,\n"
+      "      exchange: collectives}\n"
       "train: {seed: 18446744073709551615, deterministic: False}\n"
       "optim: {betas: [0.8, 0.99], schedule: constant}\n"
       "data: {kind: tokens, path: 'data/ids.bin', token_bytes: 4}\n"
@@ -82,6 +83,7 @@ TEST(ConfigValues, ParsesEveryType) {
   EXPECT_EQ(config.moe.router_norm, RouterNorm::none);
   EXPECT_TRUE(config.moe.norm_topk_prob);
   EXPECT_EQ(config.moe.balance_loss, 0.01);
+  EXPECT_EQ(config.moe.exchange, ExchangeKind::collectives);
   EXPECT_EQ(config.train.seed, std::numeric_limits<uint64_t>::max());
   EXPECT_FALSE(config.train.deterministic);
   EXPECT_EQ(config.optim.betas, (std::array<double, 2>{0.8, 0.99}));
@@ -257,7 +259,7 @@ TEST(ConfigOverrides, ErrorsNameTheSet) {
       error_of("", {"moe.topk=4"}),
       "--set moe.topk=4: unknown key moe.topk (known keys of moe: num_experts, top_k, "
       "heads, shared_intermediate, act, router_norm, norm_topk_prob, balance_loss, bn_momentum, "
-      "bn_eps)");
+      "bn_eps, exchange)");
   EXPECT_EQ(error_of("moe:\n  top_k: 8\n", {"moe.top_k=0"}),
             "--set moe.top_k=0: moe.top_k is 0, expected an integer in [1, 512]");
   EXPECT_EQ(error_of("", {"optim.betas=[0.9, 1.5]"}),

@@ -65,10 +65,12 @@ std::string missing_gpus() {
   } while (0)
 
 void expect_matches_one_rank(const test::LayerCase& c, Device device, Communicator& comm,
-                             Communicator& host_comm) {
+                             Communicator& host_comm,
+                             ExchangeKind exchange = ExchangeKind::automatic) {
   const int P = comm.size();
   ASSERT_EQ(c.T % P, 0);
-  const MoeConfig config = test::moe_config(c);
+  MoeConfig config = test::moe_config(c);
+  config.exchange = exchange;
   FlashMoELayer whole(c.D, config, device, DType::f32, 7, 100);
   FlashMoELayer sharded(c.D, config, device, DType::f32, 7, 100, &comm);
   // A step on a batch of another size first (as when training alternates with eval):
@@ -131,10 +133,15 @@ TEST_P(ExpertParallelLayer, MatchesOneRankOnTheGlobalBatch) {
   expect_matches_one_rank(GetParam().layer, Device::cpu, *host_comm_, *host_comm_);
 }
 
-// The same on one GPU per rank over NCCL (run by hand: mpirun -np P flashmoe-tests-mpi).
+// The same on one GPU per rank (run by hand: mpirun -np P flashmoe-tests-mpi), with
+// each transport: NCCL's collectives, and copies into the peers' memory.
 TEST_P(ExpertParallelLayer, MatchesOneRankOnTheGlobalBatchOnGpus) {
   FLASHMOE_REQUIRE_GPU_PER_RANK();
-  expect_matches_one_rank(GetParam().layer, Device::cuda, nccl_communicator(), *host_comm_);
+  for (ExchangeKind exchange : {ExchangeKind::collectives, ExchangeKind::peer_copies}) {
+    SCOPED_TRACE(to_string(exchange));
+    expect_matches_one_rank(GetParam().layer, Device::cuda, nccl_communicator(), *host_comm_,
+                            exchange);
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -209,11 +216,11 @@ double imbalance_of(Communicator& comm, Device device,
   const int64_t P = comm.size(), T = P, S = 3;
   std::vector<int32_t> ids(T * S);
   for (int64_t i = 0; i < T * S; ++i) ids[i] = target(i / S, i % S);
-  ExpertExchange exchange(comm, 4 * P, device);
+  ExpertExchange exchange(comm, 4 * P, S, device);
   exchange.start_dispatch(Tensor::zeros({T, 2}, DType::f32, device));
   exchange.dispatch(Tensor::from_vector(ids, {T, S}, device),
                     Tensor::zeros({T, S}, DType::f32, device));
-  exchange.receive();
+  for (int peer : exchange.peers()) exchange.receive(peer);
   return exchange.load_imbalance();
 }
 
@@ -247,7 +254,7 @@ TEST(ExpertParallelConfig, LoadImbalanceComparesOwnersFilledSlotsOnGpus) {
 TEST(ExpertParallelConfig, UnequalTokenCountsAreAnErrorOnEveryRank) {
   std::unique_ptr<Communicator> comm = make_mpi_communicator(MPI_COMM_WORLD);
   if (comm->size() == 1) GTEST_SKIP() << "needs more than one rank";
-  ExpertExchange exchange(*comm, 4 * comm->size(), Device::cpu);
+  ExpertExchange exchange(*comm, 4 * comm->size(), 1, Device::cpu);
   const int64_t T = 2 + comm->rank();
   const Tensor x = Tensor::zeros({T, 4}, DType::f32, Device::cpu);
   try {
@@ -256,6 +263,16 @@ TEST(ExpertParallelConfig, UnequalTokenCountsAreAnErrorOnEveryRank) {
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("expected as many on every rank"), std::string::npos)
         << e.what();
+  }
+}
+
+TEST(ExpertParallelConfig, PeerCopiesOnTheCpuBackendAreRefused) {
+  std::unique_ptr<Communicator> comm = make_mpi_communicator(MPI_COMM_WORLD);
+  try {
+    ExpertExchange exchange(*comm, 4 * comm->size(), 2, Device::cpu, ExchangeKind::peer_copies);
+    ADD_FAILURE() << "expected an error for peer copies on the cpu backend";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("expected GPUs"), std::string::npos) << e.what();
   }
 }
 

@@ -1,0 +1,151 @@
+#include "parallel/peer_memory.h"
+
+#include <cuda.h>
+#include <cudaTypedefs.h>
+
+#include <cstring>
+
+#include "core/error.h"
+
+namespace flashmoe {
+
+namespace {
+
+constexpr int kHandleWords = sizeof(cudaIpcMemHandle_t) / sizeof(int32_t);
+
+// The driver's stream memory operations, looked up through the runtime so that
+// nothing links libcuda (machines without a GPU driver still run the CPU build).
+struct StreamMemoryOps {
+  PFN_cuStreamWaitValue32_v11070 wait = nullptr;
+  PFN_cuStreamWriteValue32_v11070 write = nullptr;
+};
+
+template <class Fn>
+void driver_entry_point(const char* name, Fn& fn) {
+  cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+  CUDA_CHECK(cudaGetDriverEntryPointByVersion(name, reinterpret_cast<void**>(&fn), 11070,
+                                              cudaEnableDefault, &found));
+  FLASHMOE_CHECK(found == cudaDriverEntryPointSuccess && fn,
+                 "the CUDA driver has no " << name << ", expected a driver for CUDA 11.7 or later");
+}
+
+const StreamMemoryOps& stream_memory_ops() {
+  static const StreamMemoryOps ops = [] {
+    StreamMemoryOps o;
+    driver_entry_point("cuStreamWaitValue32", o.wait);
+    driver_entry_point("cuStreamWriteValue32", o.write);
+    return o;
+  }();
+  return ops;
+}
+
+void check_driver(CUresult result, const char* what) {
+  FLASHMOE_CHECK(result == CUDA_SUCCESS,
+                 what << " failed with CUDA driver error " << static_cast<int>(result));
+}
+
+CUdeviceptr flag_address(void* table, int kind, int rank, int size) {
+  return reinterpret_cast<CUdeviceptr>(static_cast<int32_t*>(table) + kind * size + rank);
+}
+
+}  // namespace
+
+PeerMemory::PeerMemory(int rank, int size, const std::vector<Tensor>& buffers, int flag_kinds)
+    : rank_(rank),
+      size_(size),
+      flag_kinds_(flag_kinds),
+      buffers_(buffers),
+      flags_(Tensor::zeros({flag_kinds, size}, DType::i32, Device::cuda)),
+      mapped_(size, std::vector<void*>(buffers.size() + 1, nullptr)) {
+  for (const Tensor& buffer : buffers_) expect_device(buffer, Device::cuda, "peer buffer");
+}
+
+std::unique_ptr<PeerMemory> PeerMemory::map(Communicator& comm, const std::vector<Tensor>& buffers,
+                                            int flag_kinds, std::string& why) {
+  const int P = comm.size(), rank = comm.rank();
+  std::unique_ptr<PeerMemory> memory(new PeerMemory(rank, P, buffers, flag_kinds));
+  std::vector<Tensor> exported = buffers;
+  exported.push_back(memory->flags_);
+  const int n = static_cast<int>(exported.size());
+  std::vector<int32_t> mine(n * kHandleWords);
+  for (int i = 0; i < n; ++i) {
+    cudaIpcMemHandle_t handle;
+    CUDA_CHECK(cudaIpcGetMemHandle(&handle, exported[i].raw()));
+    std::memcpy(&mine[i * kHandleWords], &handle, sizeof handle);
+  }
+  Tensor gathered = Tensor::empty({P * n * kHandleWords}, DType::i32, Device::cuda);
+  comm.all_gather(Tensor::from_vector(mine, {n * kHandleWords}, Device::cuda), gathered);
+  const std::vector<int32_t> handles = gathered.to_vector<int32_t>();
+
+  std::string failure;
+  for (int p = 0; p < P && failure.empty(); ++p) {
+    for (int i = 0; i < n && p != rank; ++i) {
+      cudaIpcMemHandle_t handle;
+      std::memcpy(&handle, &handles[(p * n + i) * kHandleWords], sizeof handle);
+      const cudaError_t opened =
+          cudaIpcOpenMemHandle(&memory->mapped_[p][i], handle, cudaIpcMemLazyEnablePeerAccess);
+      if (opened == cudaSuccess) continue;
+      (void)cudaGetLastError();  // not sticky: the collectives path still works
+      memory->mapped_[p][i] = nullptr;
+      failure = "rank " + std::to_string(rank) + " cannot map the GPU memory of rank " +
+                std::to_string(p) + ": " + cudaGetErrorString(opened);
+      break;
+    }
+  }
+  Tensor failed_ranks = Tensor::empty({P}, DType::i32, Device::cuda);
+  comm.all_gather(
+      Tensor::from_vector(std::vector<int32_t>{failure.empty() ? 0 : 1}, {1}, Device::cuda),
+      failed_ranks);
+  const std::vector<int32_t> failed = failed_ranks.to_vector<int32_t>();
+  for (int p = 0; p < P; ++p) {
+    if (!failed[p]) continue;
+    why = p == rank ? failure : "rank " + std::to_string(p) + " cannot map a peer's GPU memory";
+    return nullptr;
+  }
+  stream_memory_ops();  // fail here, not mid-step, on a driver without them
+  return memory;
+}
+
+PeerMemory::~PeerMemory() {
+  for (const auto& peer : mapped_) {
+    for (void* p : peer) {
+      if (p) (void)cudaIpcCloseMemHandle(p);  // no throwing from a destructor
+    }
+  }
+}
+
+void PeerMemory::put(int peer, int index, size_t offset, const Tensor& src,
+                     cudaStream_t stream) const {
+  FLASHMOE_CHECK(peer != rank_ && index >= 0 && index < static_cast<int>(buffers_.size()) &&
+                     offset + src.nbytes() <= buffers_[index].nbytes(),
+                 "peer copy of " << src.nbytes() << " bytes to buffer " << index << " of rank "
+                                 << peer << " at byte " << offset
+                                 << ", expected another rank and a range inside the buffer");
+  void* dst = static_cast<uint8_t*>(mapped_[peer][index]) + offset;
+  CUDA_CHECK(cudaMemcpyAsync(dst, src.raw(), src.nbytes(), cudaMemcpyDeviceToDevice, stream));
+}
+
+void PeerMemory::raise(int peer, int kind, cudaStream_t stream) const {
+  FLASHMOE_CHECK(peer != rank_ && kind >= 0 && kind < flag_kinds_,
+                 "raising flag " << kind << " at rank " << peer
+                                 << ", expected another rank and a kind below " << flag_kinds_);
+  check_driver(stream_memory_ops().write(reinterpret_cast<CUstream>(stream),
+                                         flag_address(mapped_[peer].back(), kind, rank_, size_), 1,
+                                         CU_STREAM_WRITE_VALUE_DEFAULT),
+               "raising a peer's flag (cuStreamWriteValue32)");
+}
+
+void PeerMemory::wait(int peer, int kind, cudaStream_t stream) const {
+  FLASHMOE_CHECK(peer != rank_ && kind >= 0 && kind < flag_kinds_,
+                 "waiting for flag " << kind << " of rank " << peer
+                                     << ", expected another rank and a kind below " << flag_kinds_);
+  const CUdeviceptr flag = flag_address(flags_.raw(), kind, peer, size_);
+  const StreamMemoryOps& ops = stream_memory_ops();
+  check_driver(ops.wait(reinterpret_cast<CUstream>(stream), flag, 1, CU_STREAM_WAIT_VALUE_EQ),
+               "waiting for a peer's flag (cuStreamWaitValue32)");
+  check_driver(
+      ops.write(reinterpret_cast<CUstream>(stream), flag, 0, CU_STREAM_WRITE_VALUE_DEFAULT),
+      "lowering a flag (cuStreamWriteValue32)");
+}
+
+}  // namespace flashmoe

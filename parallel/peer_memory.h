@@ -1,0 +1,54 @@
+// Device memory that the other ranks of a job write into directly. Every rank exports
+// its buffers through CUDA IPC and maps every peer's, so a rank's copy engines put data
+// into a peer's memory over NVLink (or PCIe peer access): no kernel, no SM, and no
+// staging copy. After the data a rank raises a flag in the peer's memory, which the
+// peer's stream waits on. GPUs of one host only.
+//
+// Flags: each rank holds a table of 32-bit flags, one per (kind, peer). Rank p raises
+// entry (k, p) of rank q's table (sets it to 1) on a stream, after that stream's
+// earlier copies, and the write is fenced behind them; q's stream waits for the entry
+// and lowers it (0) again. The caller guarantees that a flag is never raised twice
+// before it is lowered (ExpertExchange: a credit per round).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/tensor.h"
+#include "parallel/communicator.h"
+
+namespace flashmoe {
+
+class PeerMemory {
+ public:
+  // Collective over `comm`. Exports `buffers` (this rank's CUDA tensors, each one whole
+  // allocation, the same list on every rank) and a flag table of `flag_kinds` kinds,
+  // and maps every peer's. Returns null on every rank, with the first failure in
+  // `why`, when some rank cannot map some peer's memory.
+  static std::unique_ptr<PeerMemory> map(Communicator& comm, const std::vector<Tensor>& buffers,
+                                         int flag_kinds, std::string& why);
+  ~PeerMemory();
+  PeerMemory(const PeerMemory&) = delete;
+  PeerMemory& operator=(const PeerMemory&) = delete;
+
+  // On `stream`: copies `src` to byte `offset` of `peer`'s buffer `index`.
+  void put(int peer, int index, size_t offset, const Tensor& src, cudaStream_t stream) const;
+  // On `stream`: raises flag (kind, this rank) at `peer`, after the stream's copies.
+  void raise(int peer, int kind, cudaStream_t stream) const;
+  // `stream` waits until `peer` has raised flag (kind, peer) here, then lowers it.
+  void wait(int peer, int kind, cudaStream_t stream) const;
+
+ private:
+  PeerMemory(int rank, int size, const std::vector<Tensor>& buffers, int flag_kinds);
+
+  int rank_, size_, flag_kinds_;
+  std::vector<Tensor> buffers_;  // keeps this rank's exported memory alive
+  Tensor flags_;                 // [flag_kinds, P] int32, this rank's table
+  // mapped_[p][i]: peer p's buffer i (the flag table last); null for this rank.
+  std::vector<std::vector<void*>> mapped_;
+};
+
+}  // namespace flashmoe
