@@ -1,5 +1,7 @@
 #include "parallel/expert_parallel.h"
 
+#include <cuda_runtime.h>
+
 #include <algorithm>
 #include <vector>
 
@@ -42,7 +44,11 @@ ExpertExchange::ExpertExchange(const Communicator& comm, int64_t num_experts, in
   if (device == Device::cuda) side_ = std::make_unique<SideStream>(StreamPriority::high);
 }
 
-ExpertExchange::~ExpertExchange() = default;
+// Our copies into the peers' memory finish before it is unmapped (no throwing here: a
+// failed step's error has been reported already).
+ExpertExchange::~ExpertExchange() {
+  if (peer_) (void)cudaDeviceSynchronize();
+}
 
 void ExpertExchange::join_lanes() {
   if (dispatch_lane_) dispatch_lane_->join();
@@ -79,10 +85,12 @@ void ExpertExchange::prepare(const Tensor& x) {
   if (kind_ != ExchangeKind::collectives) map_peer_inboxes(x);
 }
 
-// Every rank (re)maps together: the barrier orders every rank's last copies into the
-// old inboxes, and its unmapping of them, before they are freed.
+// Every rank (re)maps together: its own copies finish before it unmaps the peers'
+// inboxes, and the barrier orders every rank's last copies into the old inboxes, and its
+// unmapping of them, before they are freed.
 void ExpertExchange::map_peer_inboxes(const Tensor& x) {
   wait();
+  synchronize_stream();
   peer_.reset();
   comm_->barrier();
   const int64_t R = comm_->size() * tokens_, S = slots_;

@@ -67,17 +67,25 @@ std::unique_ptr<PeerMemory> PeerMemory::map(Communicator& comm, const std::vecto
   std::vector<Tensor> exported = buffers;
   exported.push_back(memory->flags_);
   const int n = static_cast<int>(exported.size());
+  // A failure is recorded, not thrown, until every rank has heard of it: the others
+  // would wait in the collectives below otherwise.
+  std::string failure;
   std::vector<int32_t> mine(n * kHandleWords);
-  for (int i = 0; i < n; ++i) {
+  for (int i = 0; i < n && failure.empty(); ++i) {
     cudaIpcMemHandle_t handle;
-    CUDA_CHECK(cudaIpcGetMemHandle(&handle, exported[i].raw()));
+    const cudaError_t exported_ok = cudaIpcGetMemHandle(&handle, exported[i].raw());
+    if (exported_ok != cudaSuccess) {
+      (void)cudaGetLastError();
+      failure = "rank " + std::to_string(rank) +
+                " cannot export its GPU memory: " + cudaGetErrorString(exported_ok);
+      break;
+    }
     std::memcpy(&mine[i * kHandleWords], &handle, sizeof handle);
   }
   Tensor gathered = Tensor::empty({P * n * kHandleWords}, DType::i32, Device::cuda);
   comm.all_gather(Tensor::from_vector(mine, {n * kHandleWords}, Device::cuda), gathered);
   const std::vector<int32_t> handles = gathered.to_vector<int32_t>();
 
-  std::string failure;
   for (int p = 0; p < P && failure.empty(); ++p) {
     for (int i = 0; i < n && p != rank; ++i) {
       cudaIpcMemHandle_t handle;
@@ -99,7 +107,8 @@ std::unique_ptr<PeerMemory> PeerMemory::map(Communicator& comm, const std::vecto
   const std::vector<int32_t> failed = failed_ranks.to_vector<int32_t>();
   for (int p = 0; p < P; ++p) {
     if (!failed[p]) continue;
-    why = p == rank ? failure : "rank " + std::to_string(p) + " cannot map a peer's GPU memory";
+    why =
+        p == rank ? failure : "rank " + std::to_string(p) + " cannot share GPU memory with a peer";
     return nullptr;
   }
   stream_memory_ops();  // fail here, not mid-step, on a driver without them

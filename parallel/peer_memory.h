@@ -27,7 +27,7 @@ class PeerMemory {
   // Collective over `comm`. Exports `buffers` (this rank's CUDA tensors, each one whole
   // allocation, the same list on every rank) and a flag table of `flag_kinds` kinds,
   // and maps every peer's. Returns null on every rank, with the first failure in
-  // `why`, when some rank cannot map some peer's memory.
+  // `why`, when some rank cannot export its memory or map some peer's.
   static std::unique_ptr<PeerMemory> map(Communicator& comm, const std::vector<Tensor>& buffers,
                                          int flag_kinds, std::string& why);
   ~PeerMemory();
