@@ -13,9 +13,11 @@
 // values of the full table's rows), routes its own tokens with the full router, and
 // computes the routed branch through parallel/expert_parallel.h; its batchnorm
 // statistics are summed across the ranks. Its replicated parameters' gradients are this
-// rank's share: the caller sums them across ranks. With P > 1 the exchange queues only
-// device work and communication (after the first call for a token count, which
-// exchanges the ranks' counts), so a warmed-up step can still be captured.
+// rank's share: the caller sums them across ranks. With P > 1 and moe.exchange:
+// collectives the exchange queues only device work and communication (after the first
+// call for a token count, which exchanges the ranks' counts), so a warmed-up step can
+// still be captured in a CUDA graph; peer copies order each round by stream waits on
+// flags that the other GPUs write, which a graph cannot capture.
 //
 // Load balance: with moe.balance_loss = alpha > 0, a training forward counts the router's
 // key selections (summed over the ranks) and backward adds the gradient of the balance

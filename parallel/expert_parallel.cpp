@@ -87,12 +87,13 @@ void ExpertExchange::prepare(const Tensor& x) {
 
 // Every rank (re)maps together: its own copies finish before it unmaps the peers'
 // inboxes, and the barrier orders every rank's last copies into the old inboxes, and its
-// unmapping of them, before they are freed.
+// unmapping of them, before they (and the old flag table) are freed.
 void ExpertExchange::map_peer_inboxes(const Tensor& x) {
   wait();
   synchronize_stream();
-  peer_.reset();
+  if (peer_) peer_->unmap();
   comm_->barrier();
+  peer_.reset();
   const int64_t R = comm_->size() * tokens_, S = slots_;
   owned_.x = Tensor::empty({R, width_}, dtype_, x.device());
   gathered_routing_ = Tensor::empty({R, 2 * S}, DType::i32, x.device());
@@ -105,10 +106,13 @@ void ExpertExchange::map_peer_inboxes(const Tensor& x) {
       *comm_, {owned_.x, gathered_routing_, owned_dy_, y_inbox_, dx_inbox_, dgates_inbox_},
       kFlagKinds, why);
   if (!peer_) {
-    FLASHMOE_CHECK(kind_ == ExchangeKind::automatic,
-                   "moe.exchange is peer_copies, but " << why
-                                                       << "; expected GPUs of one host with peer "
-                                                          "access (or moe.exchange: collectives)");
+    if (kind_ != ExchangeKind::automatic) {
+      tokens_ = -1;  // nothing is mapped: a later dispatch tries again
+      FLASHMOE_FAIL("moe.exchange is peer_copies, but "
+                    << why
+                    << "; expected GPUs of one host with peer access (or moe.exchange: "
+                       "collectives)");
+    }
     FLASHMOE_LOG(info, "expert exchange: collectives, since " << why);
     kind_ = ExchangeKind::collectives;
     y_inbox_ = dx_inbox_ = dgates_inbox_ = Tensor();

@@ -41,7 +41,9 @@
 // call: the data loader gives every rank as many tokens), and the peer inboxes are
 // then allocated and mapped again. Otherwise the steps only queue device work and
 // communication. Every rank calls the steps together and in order (they are
-// collectives), and the backward of a round at most once.
+// collectives), and the backward of a round at most once. Under collectives a
+// warmed-up round can be captured in a CUDA graph; under peer copies it cannot (its
+// flag waits and its joins of lanes forked in earlier rounds).
 //
 // Overlap. The exchange has its own duplicate of the layer's communicator, so its
 // transfers are ordered apart from the layer's other collectives (the batchnorm

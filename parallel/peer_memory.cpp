@@ -109,19 +109,24 @@ std::unique_ptr<PeerMemory> PeerMemory::map(Communicator& comm, const std::vecto
     if (!failed[p]) continue;
     why =
         p == rank ? failure : "rank " + std::to_string(p) + " cannot share GPU memory with a peer";
+    memory->unmap();
+    comm.barrier();  // every rank has unmapped this one's memory before it is freed
     return nullptr;
   }
   stream_memory_ops();  // fail here, not mid-step, on a driver without them
   return memory;
 }
 
-PeerMemory::~PeerMemory() {
-  for (const auto& peer : mapped_) {
-    for (void* p : peer) {
-      if (p) (void)cudaIpcCloseMemHandle(p);  // no throwing from a destructor
+void PeerMemory::unmap() {
+  for (auto& peer : mapped_) {
+    for (void*& p : peer) {
+      if (p) (void)cudaIpcCloseMemHandle(p);  // also called from the destructor: no throw
+      p = nullptr;
     }
   }
 }
+
+PeerMemory::~PeerMemory() { unmap(); }
 
 void PeerMemory::put(int peer, int index, size_t offset, const Tensor& src,
                      cudaStream_t stream) const {

@@ -30,6 +30,9 @@ class PeerMemory {
   // `why`, when some rank cannot export its memory or map some peer's.
   static std::unique_ptr<PeerMemory> map(Communicator& comm, const std::vector<Tensor>& buffers,
                                          int flag_kinds, std::string& why);
+  // Unmaps the peers' memory (this rank's stays exported until destruction: free it
+  // only after every rank has unmapped it). Idempotent; the destructor calls it.
+  void unmap();
   ~PeerMemory();
   PeerMemory(const PeerMemory&) = delete;
   PeerMemory& operator=(const PeerMemory&) = delete;
