@@ -160,9 +160,12 @@ void ExpertExchange::start_dispatch(const Tensor& x) {
     peer_->wait(p, kCredit, dispatch_lane_->stream());
     send_block(*dispatch_lane_, p, kXInbox, x, kXLanded);
   }
-  const int64_t own = own_begin();
-  Tensor own_x = owned_.x.rows(own, own + tokens_);
-  run_beside(lanes_[comm_->rank()].get(), [&] { own_x.copy_from(x); });
+  copy_own_block(x, owned_.x);
+}
+
+void ExpertExchange::copy_own_block(const Tensor& mine, Tensor& owned) {
+  Tensor block = owned.rows(own_begin(), own_begin() + tokens_);
+  run_beside(lanes_[comm_->rank()].get(), [&] { block.copy_from(mine); });
 }
 
 ExpertRows ExpertExchange::dispatch(const Tensor& ids, const Tensor& gates) {
@@ -183,31 +186,36 @@ ExpertRows ExpertExchange::dispatch(const Tensor& ids, const Tensor& gates) {
   return own;
 }
 
+void ExpertExchange::check_peer(int peer, const char* what) const {
+  FLASHMOE_CHECK(peer >= 0 && peer < comm_->size() && peer != comm_->rank(),
+                 "receive of " << what << " block " << peer << " on rank " << comm_->rank()
+                               << ", expected another rank's in [0, " << comm_->size() << ")");
+}
+
+void ExpertExchange::unpack_block(int peer) {
+  const int64_t begin = peer * tokens_, end = begin + tokens_;
+  Tensor ids = owned_.ids.rows(begin, end), gates = owned_.gates.rows(begin, end);
+  detail::own_routing(gathered_routing_.rows(begin, end), first_expert_, local_experts_, ids,
+                      gates);
+}
+
 void ExpertExchange::unpack_gathered() {
   if (gathered_) return;
   wait();
-  for (int p : peers_) {
-    const int64_t begin = p * tokens_, end = begin + tokens_;
-    Tensor ids = owned_.ids.rows(begin, end), gates = owned_.gates.rows(begin, end);
-    detail::own_routing(gathered_routing_.rows(begin, end), first_expert_, local_experts_, ids,
-                        gates);
-  }
+  for (int p : peers_) unpack_block(p);
   gathered_ = true;
 }
 
 ExpertRows ExpertExchange::receive(int peer) {
-  FLASHMOE_CHECK(peer >= 0 && peer < comm_->size() && peer != comm_->rank(),
-                 "receive of block " << peer << ", expected another rank's");
-  const int64_t begin = peer * tokens_, end = begin + tokens_;
+  check_peer(peer, "x");
   if (peer_) {
     peer_->wait(peer, kXLanded, current_stream());
     peer_->wait(peer, kRoutingLanded, current_stream());
-    Tensor ids = owned_.ids.rows(begin, end), gates = owned_.gates.rows(begin, end);
-    detail::own_routing(gathered_routing_.rows(begin, end), first_expert_, local_experts_, ids,
-                        gates);
+    unpack_block(peer);
   } else {
     unpack_gathered();
   }
+  const int64_t begin = peer * tokens_, end = begin + tokens_;
   return {owned_.x.rows(begin, end), owned_.ids.rows(begin, end), owned_.gates.rows(begin, end)};
 }
 
@@ -244,24 +252,18 @@ void ExpertExchange::combine(const Tensor& partial_y, Tensor& y) {
 }
 
 void ExpertExchange::start_dispatch_grad(const Tensor& dy) {
-  FLASHMOE_CHECK(dy.defined() && dy.size(0) == tokens_,
-                 "dispatch of dy for " << (dy.defined() ? dy.size(0) : 0)
-                                       << " tokens, expected the " << tokens_ << " of the forward");
+  expect_block(dy, tokens_, width_, dtype_, "dy of the expert exchange (as x of the forward)");
   grad_gathered_ = false;
   if (!peer_) {
     run_beside(side_.get(), [&] { gather(dy, owned_dy_); });
     return;
   }
-  expect_block(dy, tokens_, width_, dtype_, "dy");
   for (int p : send_order_) send_block(*dispatch_lane_, p, kDyInbox, dy, kDyLanded);
-  const int64_t own = own_begin();
-  Tensor own_dy = owned_dy_.rows(own, own + tokens_);
-  run_beside(lanes_[comm_->rank()].get(), [&] { own_dy.copy_from(dy); });
+  copy_own_block(dy, owned_dy_);
 }
 
 Tensor ExpertExchange::receive_grad(int peer) {
-  FLASHMOE_CHECK(peer >= 0 && peer < comm_->size() && peer != comm_->rank(),
-                 "receive of dy block " << peer << ", expected another rank's");
+  check_peer(peer, "dy");
   if (peer_) {
     peer_->wait(peer, kDyLanded, current_stream());
   } else {

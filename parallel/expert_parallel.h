@@ -140,8 +140,13 @@ class ExpertExchange {
   // Peer copies: on `lane`, after the caller's stream so far, `src` to block `rank` of
   // `peer`'s inbox `inbox`, then flag `landed` raised there.
   void send_block(SideStream& lane, int peer, int inbox, const Tensor& src, int landed);
+  // Block `peer` of the gathered routing -> its owned ids and gates.
+  void unpack_block(int peer);
   // Collectives: waits for the gathered routing and unpacks every other rank's rows.
   void unpack_gathered();
+  // Peer copies: this rank's rows (x or dy) into block `rank` of the owned rows, beside.
+  void copy_own_block(const Tensor& mine, Tensor& owned);
+  void check_peer(int peer, const char* what) const;
   void join_lanes();
 
   std::unique_ptr<Communicator> comm_;

@@ -139,10 +139,15 @@ void PeerMemory::put(int peer, int index, size_t offset, const Tensor& src,
   CUDA_CHECK(cudaMemcpyAsync(dst, src.raw(), src.nbytes(), cudaMemcpyDeviceToDevice, stream));
 }
 
+void PeerMemory::check_flag(int peer, int kind) const {
+  FLASHMOE_CHECK(peer >= 0 && peer < size_ && peer != rank_ && kind >= 0 && kind < flag_kinds_,
+                 "flag " << kind << " of rank " << peer << " on rank " << rank_
+                         << ", expected another rank in [0, " << size_ << ") and a kind below "
+                         << flag_kinds_);
+}
+
 void PeerMemory::raise(int peer, int kind, cudaStream_t stream) const {
-  FLASHMOE_CHECK(peer != rank_ && kind >= 0 && kind < flag_kinds_,
-                 "raising flag " << kind << " at rank " << peer
-                                 << ", expected another rank and a kind below " << flag_kinds_);
+  check_flag(peer, kind);
   check_driver(stream_memory_ops().write(reinterpret_cast<CUstream>(stream),
                                          flag_address(mapped_[peer].back(), kind, rank_, size_), 1,
                                          CU_STREAM_WRITE_VALUE_DEFAULT),
@@ -150,9 +155,7 @@ void PeerMemory::raise(int peer, int kind, cudaStream_t stream) const {
 }
 
 void PeerMemory::wait(int peer, int kind, cudaStream_t stream) const {
-  FLASHMOE_CHECK(peer != rank_ && kind >= 0 && kind < flag_kinds_,
-                 "waiting for flag " << kind << " of rank " << peer
-                                     << ", expected another rank and a kind below " << flag_kinds_);
+  check_flag(peer, kind);
   const CUdeviceptr flag = flag_address(flags_.raw(), kind, peer, size_);
   const StreamMemoryOps& ops = stream_memory_ops();
   check_driver(ops.wait(reinterpret_cast<CUstream>(stream), flag, 1, CU_STREAM_WAIT_VALUE_EQ),

@@ -46,6 +46,7 @@ class PeerMemory {
 
  private:
   PeerMemory(int rank, int size, const std::vector<Tensor>& buffers, int flag_kinds);
+  void check_flag(int peer, int kind) const;
 
   int rank_, size_, flag_kinds_;
   std::vector<Tensor> buffers_;  // keeps this rank's exported memory alive
