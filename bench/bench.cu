@@ -254,6 +254,8 @@ int run(int argc, char** argv) {
   const ExpertCase expert_cases[] = {{"quickstart", 4096, 1024, 16384, 64},
                                      {"peer-1m", 4096, 1024, 1048576, 128},
                                      {"smoke", 16384, 256, 16384, 16},
+                                     {"quickstart-k16", 4096, 1024, 16384, 16},
+                                     {"smoke-owner-of-2", 16384, 256, 16384, 16, 2},
                                      {"smoke-owner-of-4", 16384, 256, 16384, 16, 4}};
   for (const ExpertCase& c : expert_cases) {
     if (selected(opt, c.name)) bench_experts(c, opt, results);
