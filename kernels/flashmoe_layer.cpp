@@ -104,14 +104,12 @@ void FlashMoELayer::backward_norm(const Tensor& dxn) {
 // The shared branch runs on the side stream from the point of fork_shared_branch(), so
 // that its GEMMs can fill what the routed branch leaves idle. The routed branch is
 // queued first: the GPU starts on it while the host is still queueing the GEMMs. The
-// forward forks at its start on one rank and under peer copies (whose transfers take
-// no SM), but with collectives after the experts: the GEMMs then run beside the
-// combine, whose transfer leaves most SMs idle, rather than beside NCCL's kernels and
-// the expert kernels, which all need SMs.
-bool FlashMoELayer::shared_branch_forks_first() const {
-  return !exchange_ || exchange_->peer_copies();
-}
-
+// forward forks at its start on one rank (beside the norm and the router). Under peer
+// copies it forks after the dispatch: its GEMMs then fill the waits for the other
+// ranks' rows and partials (the copies take no SM) instead of slowing the norm and the
+// router, which every rank waits for. Under collectives it forks after the experts: the
+// GEMMs then run beside the combine, whose transfer leaves most SMs idle, rather than
+// beside NCCL's kernels and the expert kernels, which all need SMs.
 void FlashMoELayer::fork_shared_branch() {
   if (side_ && config_.shared_intermediate > 0) side_->fork();
 }
@@ -152,6 +150,7 @@ void FlashMoELayer::routed_forward(const Tensor& ids, const Tensor& gates) {
   ensure(y_partial_, {R, dim_}, dtype_, device_);
   ensure(h_, {R, ids.size(1)}, DType::f32, device_);
   const ExpertRows own_rows = exchange_->dispatch(ids, gates);
+  if (exchange_->peer_copies()) fork_shared_branch();
   const auto own_block = [&] {
     experts_forward_rows(expert_inputs(own_rows.x, own_rows.ids, own_rows.gates), own, own + T);
   };
@@ -165,7 +164,7 @@ void FlashMoELayer::routed_forward(const Tensor& ids, const Tensor& gates) {
   if (exchange_->peer_copies()) own_block();
   const ExpertRows& owned = exchange_->owned();
   expert_in_ = expert_inputs(owned.x, owned.ids, owned.gates);
-  if (!shared_branch_forks_first()) fork_shared_branch();
+  if (!exchange_->peer_copies()) fork_shared_branch();
   exchange_->combine(y_partial_, y_routed_);
 }
 
@@ -219,7 +218,7 @@ const Tensor& FlashMoELayer::forward(const Tensor& x, bool training) {
   const int64_t T = x.size(0), H = config_.heads, K = config_.top_k;
   x_ = x;
   if (exchange_) exchange_->start_dispatch(x_);  // x travels while the router runs
-  if (shared_branch_forks_first()) fork_shared_branch();
+  if (!exchange_) fork_shared_branch();
   forward_norm(training);
   // fp32 logits even with bf16 storage: bf16 would tie many keys, and the tie rule
   // (smaller id first) would then bias the selection toward low expert ids.

@@ -77,7 +77,6 @@ class FlashMoELayer {
  private:
   template <class Branch>
   void run_shared_branch(Branch branch);
-  bool shared_branch_forks_first() const;
   void fork_shared_branch();
   void join_shared_branch();
   void forward_norm(bool training);
