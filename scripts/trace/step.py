@@ -1,8 +1,12 @@
 #!/usr/bin/env python3
 """One training step of a cupti_trace.cpp CSV: every kernel's start (us from the step's
 first kernel), duration, stream and a short name. Steps are cut after each run of AdamW
-update kernels (the optimizer ends a step).
-Usage: step.py TRACE.csv [STEP]   (no STEP: the step durations only)"""
+update kernels (the optimizer ends a step). With --idle, instead: the main stream's
+(the busiest stream's) busy and idle time in that step, the idle time by the kernel
+that ended each wait (a wait for another rank, for SMs held by a side stream, or for
+the launch), and the busiest kernels.
+Usage: step.py TRACE.csv [STEP [--idle]]   (no STEP: the step durations only)"""
+import collections
 import re
 import sys
 
@@ -21,6 +25,28 @@ def short(name):
     return name[:44]
 
 
+def print_idle(events):
+    """events: (start, end, stream, name) of one step, sorted by start."""
+    main_stream = collections.Counter(e[2] for e in events).most_common(1)[0][0]
+    idle, waits, busy = collections.Counter(), collections.Counter(), collections.Counter()
+    running_until = events[0][0]
+    for start, end, stream, name in events:
+        if stream != main_stream:
+            continue
+        if start > running_until:
+            idle[name] += start - running_until
+            waits[name] += 1
+        running_until = max(running_until, end)
+        busy[name] += end - start
+    step = max(e[1] for e in events) - events[0][0]
+    print(f"step {step / 1e3:.0f} us, main stream s{main_stream} busy "
+          f"{sum(busy.values()) / 1e3:.0f} us, idle {sum(idle.values()) / 1e3:.0f} us")
+    for name, ns in idle.most_common(14):
+        print(f"  idle {ns / 1e3:8.1f} us over {waits[name]:3d} waits before {name}")
+    for name, ns in busy.most_common(12):
+        print(f"  busy {ns / 1e3:8.1f} us  {name}")
+
+
 def main():
     events = []
     with open(sys.argv[1]) as f:
@@ -31,13 +57,18 @@ def main():
     updates = [i for i, e in enumerate(events) if "adamw_update" in e[3]]
     starts = [a + 1 for a, b in zip(updates, updates[1:] + [len(events)]) if b - a > 50]
     durations = [(events[b][0] - events[a][0]) / 1e3 for a, b in zip(starts, starts[1:])]
+    if len(sys.argv) < 3:
+        print("steps", len(durations), "us:", [round(d) for d in durations])
+        return
+    k = int(sys.argv[2])
+    step = events[starts[k]:starts[k + 1]]
+    if "--idle" in sys.argv[3:]:
+        print_idle(step)
+        return
     print("steps", len(durations), "us:", [round(d) for d in durations])
-    if len(sys.argv) > 2:
-        k = int(sys.argv[2])
-        first, last = starts[k], starts[k + 1]
-        t0 = events[first][0]
-        for start, end, stream, name in events[first:last]:
-            print(f"{(start - t0) / 1e3:9.1f} {(end - start) / 1e3:7.1f}  s{stream:<3} {name}")
+    t0 = step[0][0]
+    for start, end, stream, name in step:
+        print(f"{(start - t0) / 1e3:9.1f} {(end - start) / 1e3:7.1f}  s{stream:<3} {name}")
 
 
 if __name__ == "__main__":
