@@ -283,6 +283,13 @@ void expect_device(const Tensor& t, Device device, const char* name) {
                                             << device_name(device));
 }
 
+void expect_tensor(const Tensor& t, const Shape& shape, DType dtype, Device device,
+                   const char* name) {
+  expect_shape(t, shape, name);
+  expect_dtype(t, dtype, name);
+  expect_device(t, device, name);
+}
+
 void expect_float(const Tensor& t, const char* name) {
   FLASHMOE_CHECK(t.dtype() == DType::f32 || t.dtype() == DType::bf16,
                  name << " has dtype " << dtype_name(t.dtype()) << ", expected fp32 or bf16");

@@ -115,6 +115,9 @@ void expect_shape(const Tensor& t, const Shape& shape, const char* name);
 void expect_dtype(const Tensor& t, DType dtype, const char* name);
 void expect_device(const Tensor& t, Device device, const char* name);
 void expect_float(const Tensor& t, const char* name);  // f32 or bf16
+// All three of shape, dtype and device, in that order.
+void expect_tensor(const Tensor& t, const Shape& shape, DType dtype, Device device,
+                   const char* name);
 
 // Bytes of device memory held by tensors now, and the most held since the last reset
 // (the benchmarks' peak-memory figure; library workspaces are tensors too).

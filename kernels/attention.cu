@@ -338,9 +338,7 @@ const Tensor& CausalSelfAttention::forward(const Tensor& qkv, int64_t batch,
 const Tensor& CausalSelfAttention::backward(const Tensor& dout, AttentionWorkspace& ws) {
   FLASHMOE_CHECK(probs_.defined(), "attention backward called before forward");
   const int64_t D = heads_ * head_dim_;
-  expect_shape(dout, out_.shape(), "attention dout");
-  expect_dtype(dout, out_.dtype(), "attention dout");
-  expect_device(dout, out_.device(), "attention dout");
+  expect_tensor(dout, out_.shape(), out_.dtype(), out_.device(), "attention dout");
   const HeadShape s{batch_, seq_len_, heads_, head_dim_};
   rows_to_heads(dout, s, 1, 0, Rotation{}, do_);
 

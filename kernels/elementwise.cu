@@ -63,9 +63,7 @@ void with_float_data(const Tensor& t, F f) {
 }  // namespace
 
 void add(const Tensor& a, const Tensor& b, Tensor& out) {
-  expect_shape(b, a.shape(), "add operand b");
-  expect_dtype(b, a.dtype(), "add operand b");
-  expect_device(b, a.device(), "add operand b");
+  expect_tensor(b, a.shape(), a.dtype(), a.device(), "add operand b");
   ensure(out, a.shape(), a.dtype(), a.device());
   with_float_data(a, [&](auto* pa) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(pa)>>;

@@ -64,13 +64,6 @@ void allocate_rows_phase(const ExpertInputs& in, ExpertGrads& grads) {
   ensure(grads.slot_dh, in.ids.shape(), DType::f32, device);
   ensure(grads.slot_a, in.ids.shape(), DType::f32, device);
 }
-
-void expect_tensor(const Tensor& t, const Shape& shape, DType dtype, Device device,
-                   const char* name) {
-  expect_shape(t, shape, name);
-  expect_dtype(t, dtype, name);
-  expect_device(t, device, name);
-}
 }  // namespace
 
 ExpertGrads ExpertGrads::tokens(const ExpertInputs& in, int64_t begin, int64_t end) {

@@ -95,9 +95,7 @@ void linear_backward_weight(const Tensor& dy, const Tensor& x, Tensor& dw, bool 
   const int64_t M = dy.size(0), N = dy.size(1), K = x.size(1);
   FLASHMOE_CHECK(x.size(0) == M, "x has " << x.size(0) << " rows, expected " << M << " as dy");
   if (accumulate) {
-    expect_shape(dw, {N, K}, "weight gradient");
-    expect_dtype(dw, DType::f32, "weight gradient");
-    expect_device(dw, dy.device(), "weight gradient");
+    expect_tensor(dw, {N, K}, DType::f32, dy.device(), "weight gradient");
   } else {
     ensure(dw, {N, K}, DType::f32, dy.device());
   }

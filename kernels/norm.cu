@@ -142,16 +142,12 @@ void check_rows(const Tensor& x, const char* name) {
 }
 
 void check_like(const Tensor& t, const Tensor& x, const char* name) {
-  expect_shape(t, x.shape(), name);
-  expect_dtype(t, x.dtype(), name);
-  expect_device(t, x.device(), name);
+  expect_tensor(t, x.shape(), x.dtype(), x.device(), name);
 }
 
 void check_gain(const Tensor& gain, const Tensor& x) {
   if (!gain.defined()) return;
-  expect_shape(gain, {x.size(1)}, "rmsnorm gain");
-  expect_dtype(gain, DType::f32, "rmsnorm gain");
-  expect_device(gain, x.device(), "rmsnorm gain");
+  expect_tensor(gain, {x.size(1)}, DType::f32, x.device(), "rmsnorm gain");
 }
 
 }  // namespace

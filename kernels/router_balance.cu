@@ -111,12 +111,6 @@ struct ScaledTerm {
   FLASHMOE_HD double operator()(int64_t r, int64_t) const { return scale * terms[r]; }
 };
 
-void check_fractions(const Tensor& t, int64_t H, int64_t N, Device device, const char* name) {
-  expect_shape(t, {H, 2, N}, name);
-  expect_dtype(t, DType::f64, name);
-  expect_device(t, device, name);
-}
-
 }  // namespace
 
 void count_key_selections(const Tensor& ids, int64_t num_keys, Tensor& scratch, Tensor& counts) {
@@ -154,10 +148,8 @@ void balance_loss_backward(const Tensor& logits, const Tensor& fractions, double
   expect_dtype(logits, DType::f32, "router logits");
   const Device device = logits.device();
   const int64_t H = logits.size(1), N = logits.size(3), rows = logits.numel() / N;
-  check_fractions(fractions, H, N, device, "key fractions");
-  expect_shape(dlogits, logits.shape(), "router dlogits");
-  expect_dtype(dlogits, DType::f32, "router dlogits");
-  expect_device(dlogits, device, "router dlogits");
+  expect_tensor(fractions, {H, 2, N}, DType::f64, device, "key fractions");
+  expect_tensor(dlogits, logits.shape(), DType::f32, device, "router dlogits");
   FLASHMOE_CHECK(std::isfinite(scale) && scale >= 0,
                  "balance loss scale is " << scale << ", expected a finite value >= 0");
   ensure(buffers.row_terms, {rows}, DType::f32, device);

@@ -80,9 +80,7 @@ void swiglu_backward(const Tensor& gate_up, const Tensor& dhidden, Activation ac
                      Tensor& dgate_up) {
   check_gate_up(gate_up);
   const int64_t M = gate_up.size(0), I = gate_up.size(1) / 2;
-  expect_shape(dhidden, {M, I}, "dhidden");
-  expect_dtype(dhidden, gate_up.dtype(), "dhidden");
-  expect_device(dhidden, gate_up.device(), "dhidden");
+  expect_tensor(dhidden, {M, I}, gate_up.dtype(), gate_up.device(), "dhidden");
   ensure(dgate_up, gate_up.shape(), gate_up.dtype(), gate_up.device());
   with_storage_type(gate_up.dtype(), [&]<class T>() {
     for_each_pack(
