@@ -11,8 +11,8 @@
 // (counting sort on the CPU, CUB radix sort on the GPU), sums each id's rows in fp32
 // in a fixed order (the CPU in increasing t; the GPU in 8 interleaved runs, each in
 // increasing t, then the runs' sums in order) and adds the sum to dE[v] once;
-// positions use the fixed-order column sum. x and dx are fp32 or bf16, E and P the same dtype, dE
-// and dP fp32.
+// positions use the fixed-order column sum. x and dx are fp32 or bf16, E and P the same
+// dtype, dE and dP fp32.
 //
 // Ids outside [0, V): a one-line error on the CPU. The GPU cannot check without a host
 // sync, so it keeps the arithmetic finite and makes the loss NaN instead:

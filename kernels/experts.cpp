@@ -116,7 +116,9 @@ void experts_backward_tables(const ExpertInputs& in, const Tensor& dy, GradLayou
 void experts_backward(const ExpertInputs& in, const Tensor& h, const Tensor& dy, GradLayout layout,
                       ExpertGrads& grads) {
   experts_backward_rows(in, h, dy, grads);
-  experts_backward_tables(in, dy, layout, grads);
+  ExpertInputs checked = in;
+  checked.validate_ids = false;  // the rows phase has checked them
+  experts_backward_tables(checked, dy, layout, grads);
 }
 
 }  // namespace flashmoe
