@@ -21,6 +21,10 @@ __device__ __forceinline__ float warp_sum(float v) {
   return warp_butterfly(v, [](float a, float b) { return a + b; });
 }
 
+__device__ __forceinline__ double warp_sum(double v) {
+  return warp_butterfly(v, [](double a, double b) { return a + b; });
+}
+
 __device__ __forceinline__ float warp_max(float v) {
   return warp_butterfly(v, [](float a, float b) { return fmaxf(a, b); });
 }

@@ -1,10 +1,11 @@
 // The router's balance loss (kernels/router_balance.h) on the GPU against the CPU, on
 // fresh random routing and logits over shapes with odd T, N below, at and above one
-// warp (non-powers of two, up to 1024 keys) and several heads. Counts are integers and
-// must match exactly; the loss and gradient to fp32 rounding. The scratch, the counts,
-// the row terms and the loss start poisoned; dlogits is checked from zero (the gradient)
-// and from random values (it is added to them); a second run repeats the first bit
-// for bit.
+// warp (non-powers of two, up to 2100 keys, whose 4200 bins take two blocks' shares),
+// several heads, and the smoke model's 16384 tokens (many blocks a head). Counts are
+// integers and must match exactly; the loss and gradient to fp32 rounding. The scratch,
+// the counts, the row terms and the loss start poisoned; dlogits is checked from zero
+// (the gradient) and from random values (it is added to them); a second run repeats
+// the first bit for bit.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -21,8 +22,9 @@ using test::relative_error;
 struct BalanceCase {
   int64_t T, H, K, N;
 };
-const BalanceCase kCases[] = {{1, 1, 1, 2},    {7, 1, 4, 7},      {333, 2, 16, 128},
-                              {97, 3, 8, 100}, {4097, 1, 16, 33}, {65, 8, 16, 1024}};
+const BalanceCase kCases[] = {{1, 1, 1, 2},        {7, 1, 4, 7},      {333, 2, 16, 128},
+                              {97, 3, 8, 100},     {4097, 1, 16, 33}, {65, 8, 16, 1024},
+                              {16384, 1, 16, 128}, {51, 2, 5, 2100}};
 
 std::vector<float> uniforms(int64_t n, uint64_t seed, float lo, float hi) {
   std::vector<float> v(n);
@@ -90,6 +92,17 @@ TEST(RouterBalanceGpu, MatchesCpuAndRepeats) {
       }
     }
   }
+}
+
+// The GPU does not synchronise to check ids: one outside [0, N²) is skipped.
+TEST(RouterBalanceGpu, SkipsIdsOutOfRange) {
+  FLASHMOE_REQUIRE_GPU();
+  const std::vector<int32_t> ids = {0, -1, 8, 9, 4, 100};  // N = 3: 0, 8 and 4 count
+  Tensor scratch, fractions;
+  count_key_selections(Tensor::from_vector(ids, {3, 1, 2}, Device::cuda), 3, scratch, fractions);
+  key_fractions(fractions);
+  const double third = 1.0 / 3.0;
+  EXPECT_EQ(fractions.to_vector<double>(), std::vector<double>(6, third));
 }
 
 }  // namespace
