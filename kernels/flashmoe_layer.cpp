@@ -37,6 +37,10 @@ FlashMoELayer::FlashMoELayer(int64_t dim, const MoeConfig& config, Device device
     exchange_ =
         std::make_unique<ExpertExchange>(*comm, E, H * config.top_k, device, config.exchange);
     batchnorm_.sync = [comm](Tensor& partial_sums) { comm->all_reduce_sum(partial_sums); };
+    if (config.balance_loss > 0) {
+      count_comm_ = comm->duplicate();
+      if (device == Device::cuda) count_side_ = std::make_unique<SideStream>(StreamPriority::high);
+    }
   }
   const int64_t local_E = exchange_ ? exchange_->local_experts() : E;
   w_gate_up_ =
@@ -70,11 +74,19 @@ void FlashMoELayer::set_loss_scale(double loss_scale) {
   loss_scale_ = loss_scale;
 }
 
-// The fractions f of kernels/router_balance.h, over every rank's tokens.
+// The fractions f of kernels/router_balance.h, over every rank's tokens; on the count
+// stream where there is one, so join_key_count() before reading them or writing the
+// routing again.
 void FlashMoELayer::count_key_usage() {
-  count_key_selections(routing_.expert_ids, num_keys_, key_counts_, key_fractions_);
-  if (comm_) comm_->all_reduce_sum(key_fractions_);
-  key_fractions(key_fractions_);
+  run_beside(count_side_.get(), [&] {
+    count_key_selections(routing_.expert_ids, num_keys_, key_counts_, key_fractions_);
+    if (count_comm_) count_comm_->all_reduce_sum(key_fractions_);
+    key_fractions(key_fractions_);
+  });
+}
+
+void FlashMoELayer::join_key_count() {
+  if (count_side_) count_side_->join();
 }
 
 std::vector<Parameter*> FlashMoELayer::parameters() {
@@ -217,6 +229,7 @@ const Tensor& FlashMoELayer::forward(const Tensor& x, bool training) {
   expect_device(x, device_, "layer input");
   const int64_t T = x.size(0), H = config_.heads, K = config_.top_k;
   x_ = x;
+  join_key_count();  // the last count has read the routing that the router now writes
   if (exchange_) exchange_->start_dispatch(x_);  // x travels while the router runs
   if (!exchange_) fork_shared_branch();
   forward_norm(training);
@@ -250,6 +263,7 @@ const Tensor& FlashMoELayer::backward(const Tensor& dy) {
   ensure(dlogits_, logits_.shape(), DType::f32, device_);
   router_backward(logits_, routing_, dgates->view({T, H, K}), config_.norm_topk_prob, dlogits_);
   if (balancing_) {
+    join_key_count();
     const double tokens = double(T) * (comm_ ? comm_->size() : 1);
     const double scale = config_.balance_loss * num_keys_ / (2.0 * double(H)) *
                          (loss_scale_ > 0 ? loss_scale_ : 1.0 / tokens);

@@ -24,6 +24,10 @@
 // loss of kernels/router_balance.h to the router's, with scale alpha N / (2H) times the
 // step's loss scale (set_loss_scale; by default 1 / the tokens of every rank, the mean
 // over the global batch), and writes its value for this rank's tokens (balance_loss).
+// With P > 1 on GPUs the count and its sum over the ranks run beside the forward, on a
+// stream and a duplicate of the communicator of their own, since only the backward reads
+// them: on the main stream the sum was a collective that every rank waited at in every
+// layer. One GPU counts on the main stream (a few µs; beside, it measured slower).
 #pragma once
 
 #include <memory>
@@ -85,6 +89,7 @@ class FlashMoELayer {
   void routed_forward(const Tensor& ids, const Tensor& gates);
   void experts_forward_rows(const ExpertInputs& in, int64_t begin, int64_t end);
   void count_key_usage();
+  void join_key_count();
   // Fills expert_grads_ and the tables' gradients; returns {dx, dgates} of this rank's
   // tokens.
   std::pair<const Tensor*, const Tensor*> routed_backward(const Tensor& dy);
@@ -106,6 +111,8 @@ class FlashMoELayer {
   std::unique_ptr<SideStream> side_;          // the shared branch's stream (cuda only)
   std::unique_ptr<ExpertExchange> exchange_;  // P > 1 only
   Communicator* comm_ = nullptr;              // P > 1 only
+  std::unique_ptr<Communicator> count_comm_;  // the key count's sum (balance loss, P > 1)
+  std::unique_ptr<SideStream> count_side_;    // and its stream (cuda)
   double loss_scale_ = 0;                     // 0: the default, 1 / global tokens
   bool balancing_ = false;                    // the last forward counted key selections
 

@@ -4,7 +4,8 @@ first kernel), duration, stream and a short name. Steps are cut after each run o
 update kernels (the optimizer ends a step). With --idle, instead: the main stream's
 (the busiest stream's) busy and idle time in that step, the idle time by the kernel
 that ended each wait (a wait for another rank, for SMs held by a side stream, or for
-the launch), and the busiest kernels.
+the launch), the time no kernel runs on any stream (the SMs idle: copies only, or
+waits), by the kernel that ended it, and the busiest kernels.
 Usage: step.py TRACE.csv [STEP [--idle]]   (no STEP: the step durations only)"""
 import collections
 import re
@@ -43,8 +44,25 @@ def print_idle(events):
           f"{sum(busy.values()) / 1e3:.0f} us, idle {sum(idle.values()) / 1e3:.0f} us")
     for name, ns in idle.most_common(14):
         print(f"  idle {ns / 1e3:8.1f} us over {waits[name]:3d} waits before {name}")
+    print_device_idle(events)
     for name, ns in busy.most_common(12):
         print(f"  busy {ns / 1e3:8.1f} us  {name}")
+
+
+def print_device_idle(events):
+    """The gaps between kernels of any stream (copies run no kernel)."""
+    idle, waits = collections.Counter(), collections.Counter()
+    running_until = events[0][0]
+    for start, end, _, name in events:
+        if name.startswith("memcpy"):
+            continue
+        if start > running_until:
+            idle[name] += start - running_until
+            waits[name] += 1
+        running_until = max(running_until, end)
+    print(f"  no kernel on any stream: {sum(idle.values()) / 1e3:.0f} us")
+    for name, ns in idle.most_common(8):
+        print(f"    {ns / 1e3:8.1f} us over {waits[name]:3d} gaps before {name}")
 
 
 def main():
