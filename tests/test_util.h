@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "core/philox.h"
 #include "core/tensor.h"
 
 namespace flashmoe::test {
@@ -19,6 +20,21 @@ namespace flashmoe::test {
   do {                                                                                     \
     if (!::flashmoe::cuda_available()) GTEST_SKIP() << "no CUDA device: GPU test skipped"; \
   } while (0)
+
+// n Philox uniforms in [lo, hi) of (seed, stream): element i is draw i.
+inline std::vector<float> uniforms(int64_t n, uint64_t seed, uint64_t stream, float lo, float hi) {
+  std::vector<float> v(n);
+  for (int64_t i = 0; i < n; ++i) v[i] = philox_uniform(seed, stream, uint64_t(i), lo, hi);
+  return v;
+}
+
+// A device output with every byte set to `byte`: unwritten elements stay NaN (0xFF in
+// fp32 and bf16) or an impossible index (0x7F in int32 rows).
+inline Tensor poisoned(const Shape& shape, DType dtype, uint8_t byte = 0xFF) {
+  Tensor t = Tensor::empty(shape, dtype, Device::cuda);
+  t.fill_bytes(byte);
+  return t;
+}
 
 // ||a - b|| / ||b|| in fp64; infinite when either holds a NaN or b is zero while a is not.
 inline double relative_error(const std::vector<double>& a, const std::vector<double>& b) {

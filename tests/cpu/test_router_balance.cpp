@@ -8,7 +8,6 @@
 #include <tuple>
 #include <vector>
 
-#include "core/philox.h"
 #include "kernels/router_balance.h"
 #include "tests/test_util.h"
 
@@ -27,12 +26,6 @@ double loss_fp64(const std::vector<double>& q, const std::vector<double>& f, int
     loss += scale * dot / sum;
   }
   return loss;
-}
-
-std::vector<float> uniforms(int64_t n, uint64_t seed, float lo, float hi) {
-  std::vector<float> v(n);
-  for (int64_t i = 0; i < n; ++i) v[i] = philox_uniform(seed, 3, i, lo, hi);
-  return v;
 }
 
 TEST(RouterBalance, CountsEachSelectionsKeysPerHeadAndHalf) {
@@ -86,10 +79,10 @@ TEST(RouterBalance, GradientMatchesFiniteDifferencesAndAddsToDlogits) {
   for (auto [T, H, N] : {std::tuple<int64_t, int64_t, int64_t>{5, 1, 7}, {3, 3, 16}, {2, 2, 33}}) {
     SCOPED_TRACE(testing::Message() << "T " << T << " H " << H << " N " << N);
     const int64_t n = T * H * 2 * N;
-    const std::vector<float> q = uniforms(n, 1 + N, -3.0f, 3.0f);
-    const std::vector<float> before = uniforms(n, 2 + N, -1.0f, 1.0f);
+    const std::vector<float> q = test::uniforms(n, 1 + N, 3, -3.0f, 3.0f);
+    const std::vector<float> before = test::uniforms(n, 2 + N, 3, -1.0f, 1.0f);
     std::vector<double> f(H * 2 * N);
-    const std::vector<float> raw = uniforms(H * 2 * N, 3 + N, 0.0f, 1.0f);
+    const std::vector<float> raw = test::uniforms(H * 2 * N, 3 + N, 3, 0.0f, 1.0f);
     for (int64_t row = 0; row < H * 2; ++row) {
       double sum = 0;
       for (int64_t i = 0; i < N; ++i) sum += raw[row * N + i];

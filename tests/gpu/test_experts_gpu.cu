@@ -22,7 +22,7 @@ namespace flashmoe {
 namespace {
 
 using test::error_of;
-
+using test::poisoned;
 using test::relative_error;
 
 template <class T>
@@ -111,14 +111,6 @@ ExpertInputs to_host(const ExpertInputs& in) {
   host.ids = in.ids.to(Device::cpu);
   host.gates = in.gates.to(Device::cpu);
   return host;
-}
-
-// A device output with every byte set to `byte`: unwritten elements stay NaN (0xFF in
-// floats) or an impossible row index (0x7F in int32 rows).
-Tensor poisoned(const Shape& shape, DType dtype, uint8_t byte = 0xFF) {
-  Tensor t = Tensor::empty(shape, dtype, Device::cuda);
-  t.fill_bytes(byte);
-  return t;
 }
 
 ExpertGrads poisoned_grads(const ExpertInputs& in, GradLayout layout) {

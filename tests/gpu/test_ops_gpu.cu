@@ -5,7 +5,6 @@
 // element the GPU leaves unwritten fails the comparison.
 #include <gtest/gtest.h>
 
-#include "core/philox.h"
 #include "kernels/elementwise.h"
 #include "kernels/norm.h"
 #include "kernels/swiglu.h"
@@ -15,6 +14,7 @@
 namespace flashmoe {
 namespace {
 
+using test::poisoned;
 using test::relative_error;
 
 struct Shape2 {
@@ -23,15 +23,7 @@ struct Shape2 {
 const Shape2 kShapes[] = {{1, 1}, {7, 13}, {33, 40}, {5, 8}, {1000, 1024}, {4097, 96}, {3, 2056}};
 
 Tensor random_tensor(int64_t M, int64_t D, DType dtype, Device device, uint64_t seed) {
-  std::vector<float> v(M * D);
-  for (size_t i = 0; i < v.size(); ++i) v[i] = philox_uniform(seed, 7, i, -2.0f, 3.0f);
-  return Tensor::from_floats(v, {M, D}, dtype, device);
-}
-
-Tensor poisoned(Shape shape, DType dtype) {
-  Tensor t = Tensor::empty(std::move(shape), dtype, Device::cuda);
-  t.fill_bytes(0xff);  // NaN in fp32 and bf16
-  return t;
+  return Tensor::from_floats(test::uniforms(M * D, seed, 7, -2.0f, 3.0f), {M, D}, dtype, device);
 }
 
 // fp32 results may differ from the CPU's by contraction and libm ulps; bf16 by one

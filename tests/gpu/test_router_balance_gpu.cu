@@ -17,6 +17,7 @@
 namespace flashmoe {
 namespace {
 
+using test::poisoned;
 using test::relative_error;
 
 struct BalanceCase {
@@ -25,18 +26,6 @@ struct BalanceCase {
 const BalanceCase kCases[] = {{1, 1, 1, 2},        {7, 1, 4, 7},      {333, 2, 16, 128},
                               {97, 3, 8, 100},     {4097, 1, 16, 33}, {65, 8, 16, 1024},
                               {16384, 1, 16, 128}, {51, 2, 5, 2100}};
-
-std::vector<float> uniforms(int64_t n, uint64_t seed, float lo, float hi) {
-  std::vector<float> v(n);
-  for (int64_t i = 0; i < n; ++i) v[i] = philox_uniform(seed, 11, i, lo, hi);
-  return v;
-}
-
-Tensor poisoned(Shape shape, DType dtype) {
-  Tensor t = Tensor::empty(std::move(shape), dtype, Device::cuda);
-  t.fill_bytes(0xff);
-  return t;
-}
 
 TEST(RouterBalanceGpu, MatchesCpuAndRepeats) {
   FLASHMOE_REQUIRE_GPU();
@@ -50,10 +39,10 @@ TEST(RouterBalanceGpu, MatchesCpuAndRepeats) {
       ids[i] = std::min<int32_t>(static_cast<int32_t>(u * u * E), E - 1);
     }
     const Tensor ids_cpu = Tensor::from_vector(ids, {c.T, c.H, c.K}, Device::cpu);
-    const Tensor logits =
-        Tensor::from_vector(uniforms(n, c.T, -4.0f, 4.0f), {c.T, c.H, 2, c.N}, Device::cpu);
-    const Tensor start =
-        Tensor::from_vector(uniforms(n, c.T + 1, -1.0f, 1.0f), {c.T, c.H, 2, c.N}, Device::cpu);
+    const Tensor logits = Tensor::from_vector(test::uniforms(n, c.T, 11, -4.0f, 4.0f),
+                                              {c.T, c.H, 2, c.N}, Device::cpu);
+    const Tensor start = Tensor::from_vector(test::uniforms(n, c.T + 1, 11, -1.0f, 1.0f),
+                                             {c.T, c.H, 2, c.N}, Device::cpu);
     const double scale = 0.01 * c.N / (2.0 * c.H * c.T);
 
     Tensor scratch, fractions;
