@@ -17,9 +17,7 @@ enum Inbox : int { kXInbox, kRoutingInbox, kDyInbox, kYInbox, kDxInbox, kDgatesI
 enum Flag : int { kCredit, kXLanded, kRoutingLanded, kYLanded, kDyLanded, kDxLanded, kFlagKinds };
 
 void expect_block(const Tensor& t, int64_t rows, int64_t width, DType dtype, const char* what) {
-  FLASHMOE_CHECK(t.defined() && t.rank() == 2 && t.size(0) == rows && t.size(1) == width,
-                 what << " has shape " << (t.defined() ? shape_string(t.shape()) : "undefined")
-                      << ", expected [" << rows << ", " << width << "]");
+  expect_shape(t, {rows, width}, what);
   expect_dtype(t, dtype, what);
 }
 

@@ -105,8 +105,7 @@ void own_routing(const Tensor& gathered, int64_t first_expert, int64_t local_exp
 void own_routing(const Tensor& global_ids, const Tensor& global_gates, int64_t first_expert,
                  int64_t local_experts, Tensor& ids, Tensor& gates) {
   expect_dtype(global_ids, DType::i32, "expert ids");
-  expect_shape(global_gates, global_ids.shape(), "gates");
-  expect_dtype(global_gates, DType::f32, "gates");
+  expect_tensor(global_gates, global_ids.shape(), DType::f32, global_ids.device(), "gates");
   const int64_t S = global_ids.size(1);
   own_slots(global_ids.device(),
             OwnRouting<float>{global_ids.data<int32_t>(), global_gates.data<float>(), S, S,
