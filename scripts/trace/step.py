@@ -26,43 +26,37 @@ def short(name):
     return name[:44]
 
 
-def print_idle(events):
-    """events: (start, end, stream, name) of one step, sorted by start."""
-    main_stream = collections.Counter(e[2] for e in events).most_common(1)[0][0]
+def gaps(events):
+    """events: (start, end, stream, name), sorted by start. The time before each event in
+    which none of the events before it runs, and how often, by the name of the event that
+    ended the gap; and each name's busy time."""
     idle, waits, busy = collections.Counter(), collections.Counter(), collections.Counter()
     running_until = events[0][0]
-    for start, end, stream, name in events:
-        if stream != main_stream:
-            continue
+    for start, end, _, name in events:
         if start > running_until:
             idle[name] += start - running_until
             waits[name] += 1
         running_until = max(running_until, end)
         busy[name] += end - start
+    return idle, waits, busy
+
+
+def print_idle(events):
+    """events: (start, end, stream, name) of one step, sorted by start."""
+    main_stream = collections.Counter(e[2] for e in events).most_common(1)[0][0]
+    idle, waits, busy = gaps([e for e in events if e[2] == main_stream])
     step = max(e[1] for e in events) - events[0][0]
     print(f"step {step / 1e3:.0f} us, main stream s{main_stream} busy "
           f"{sum(busy.values()) / 1e3:.0f} us, idle {sum(idle.values()) / 1e3:.0f} us")
     for name, ns in idle.most_common(14):
         print(f"  idle {ns / 1e3:8.1f} us over {waits[name]:3d} waits before {name}")
-    print_device_idle(events)
-    for name, ns in busy.most_common(12):
-        print(f"  busy {ns / 1e3:8.1f} us  {name}")
-
-
-def print_device_idle(events):
-    """The gaps between kernels of any stream (copies run no kernel)."""
-    idle, waits = collections.Counter(), collections.Counter()
-    running_until = events[0][0]
-    for start, end, _, name in events:
-        if name.startswith("memcpy"):
-            continue
-        if start > running_until:
-            idle[name] += start - running_until
-            waits[name] += 1
-        running_until = max(running_until, end)
+    # Copies run no kernel: the SMs are idle while only they run.
+    idle, waits, _ = gaps([e for e in events if not e[3].startswith("memcpy")])
     print(f"  no kernel on any stream: {sum(idle.values()) / 1e3:.0f} us")
     for name, ns in idle.most_common(8):
         print(f"    {ns / 1e3:8.1f} us over {waits[name]:3d} gaps before {name}")
+    for name, ns in busy.most_common(12):
+        print(f"  busy {ns / 1e3:8.1f} us  {name}")
 
 
 def main():
