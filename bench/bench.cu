@@ -170,6 +170,7 @@ void bench_layer(const LayerCase& c, const Options& opt, std::vector<Result>& re
     xs.push_back(random_tensor({c.T, c.D}, DType::bf16, 800 + s, 1.0f));
     layers[s]->forward(xs[s], true);
     layers[s]->backward(dy);
+    layers[s]->finish_backward();
     CUDA_CHECK(cudaDeviceSynchronize());
     if (s == 0) peak_gib = (device_bytes_peak() - base) / double(1 << 30);
   }
@@ -179,12 +180,14 @@ void bench_layer(const LayerCase& c, const Options& opt, std::vector<Result>& re
       [&](int i) {
         layers[i % sets]->forward(xs[i % sets], true);
         layers[i % sets]->backward(dy);
+        layers[i % sets]->finish_backward();
       },
       reps);
   // The same step replayed from a CUDA graph: the difference is host launch overhead.
   CapturedGraph step([&] {
     layers[0]->forward(xs[0], true);
     layers[0]->backward(dy);
+    layers[0]->finish_backward();
   });
   double graphed = time_median_ms([&](int) { step.replay(); }, reps);
   results.push_back({c.name, "layer fwd", fwd, 0});

@@ -104,7 +104,10 @@ class EpBench {
     FlashMoELayer layer(c_.D, moe, Device::cuda, DType::bf16, 1, 0, comm);
     return timed([&] {
       layer.forward(x_, true);
-      if (backward) layer.backward(dy_);
+      if (backward) {
+        layer.backward(dy_);
+        layer.finish_backward();
+      }
     });
   }
 

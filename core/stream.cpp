@@ -50,9 +50,12 @@ SideStream::~SideStream() {
 void SideStream::fork() {
   CUDA_CHECK(cudaEventRecord(forked_, current_stream()));
   CUDA_CHECK(cudaStreamWaitEvent(stream_, forked_, 0));
+  pending_ = true;
 }
 
 void SideStream::join() {
+  if (!pending_) return;
+  pending_ = false;
   CUDA_CHECK(cudaEventRecord(joined_, stream_));
   CUDA_CHECK(cudaStreamWaitEvent(current_stream(), joined_, 0));
 }

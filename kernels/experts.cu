@@ -54,17 +54,19 @@
 // Scratch (per-pair coefficients, sort buffers, segment offsets, partial rows, CUB
 // temporary storage; sized by the worst case: fewer than 2 T*S / 64 partial rows,
 // since a split row has more than 64 pairs) comes from
-// one device buffer per host thread and device, grown to the largest request and
-// never shrunk: repeated calls with the same shapes allocate nothing, so a warmed-up
-// step can be captured in a CUDA graph. Calls of one thread are ordered on
-// current_stream(), so each call may reuse the buffer of the one before.
+// one device buffer per host thread, device and stream, grown to the largest request
+// and never shrunk: repeated calls with the same shapes allocate nothing, so a
+// warmed-up step can be captured in a CUDA graph. Calls on one stream run in order, so
+// each may reuse the buffer of the one before; calls on another stream (the layer's
+// table gradients run beside its later work) get a buffer of their own.
 #include <algorithm>
 #include <bit>
 #include <climits>
 #include <cstdint>
 #include <cub/device/device_radix_sort.cuh>
 #include <cub/device/device_scan.cuh>
-#include <vector>
+#include <map>
+#include <utility>
 
 #include "core/stream.h"
 #include "kernels/backends.h"
@@ -91,13 +93,13 @@ class ScratchPlan {
   size_t bytes_ = 0;
 };
 
-// The scratch buffer of this host thread on the current device, at least `bytes` long.
+// The scratch buffer of this host thread for the current device and stream, at least
+// `bytes` long.
 uint8_t* scratch_buffer(size_t bytes) {
-  thread_local std::vector<Tensor> buffers;  // indexed by device ordinal
+  thread_local std::map<std::pair<int, cudaStream_t>, Tensor> buffers;
   int device = 0;
   CUDA_CHECK(cudaGetDevice(&device));
-  if (buffers.size() <= static_cast<size_t>(device)) buffers.resize(device + 1);
-  Tensor& buffer = buffers[device];
+  Tensor& buffer = buffers[{device, current_stream()}];
   if (!buffer.defined() || buffer.nbytes() < bytes) {
     // Work queued by earlier calls may still use the old buffer: let it finish first.
     CUDA_CHECK(cudaStreamSynchronize(current_stream()));

@@ -1,6 +1,8 @@
 #include "kernels/flashmoe_layer.h"
 
 #include <cmath>
+#include <map>
+#include <mutex>
 
 #include "core/stream.h"
 #include "kernels/elementwise.h"
@@ -13,6 +15,23 @@ namespace {
 // Expert-table gradients above this many elements per table are kept row-sparse:
 // a batch touches at most T*H*K rows of a table of millions.
 constexpr int64_t kDenseExpertGradLimit = int64_t(1) << 26;
+
+// The current device's stream for every layer's table gradients: they run one after
+// another anyway, and the experts' scratch buffer is per stream, so one stream keeps
+// one buffer, sized by the largest layer, instead of one a layer.
+std::shared_ptr<SideStream> shared_tables_side() {
+  static std::mutex mutex;
+  static std::map<int, std::weak_ptr<SideStream>> sides;  // by device
+  int device = 0;
+  CUDA_CHECK(cudaGetDevice(&device));
+  const std::lock_guard<std::mutex> lock(mutex);
+  std::shared_ptr<SideStream> side = sides[device].lock();
+  if (!side) {
+    side = std::make_shared<SideStream>();
+    sides[device] = side;
+  }
+  return side;
+}
 }  // namespace
 
 FlashMoELayer::FlashMoELayer(int64_t dim, const MoeConfig& config, Device device, DType dtype,
@@ -63,7 +82,10 @@ FlashMoELayer::FlashMoELayer(int64_t dim, const MoeConfig& config, Device device
   batchnorm_.running_mean = Tensor::zeros({dim}, DType::f32, device);
   batchnorm_.running_var = Tensor::empty({dim}, DType::f32, device);
   batchnorm_.running_var.fill(1.0f);
-  if (device == Device::cuda) side_ = std::make_unique<SideStream>();
+  if (device == Device::cuda) {
+    side_ = std::make_unique<SideStream>();
+    tables_side_ = shared_tables_side();
+  }
   batchnorm_.momentum = static_cast<float>(config.bn_momentum);
   batchnorm_.eps = static_cast<float>(config.bn_eps);
 }
@@ -192,7 +214,8 @@ void FlashMoELayer::experts_forward_rows(const ExpertInputs& in, int64_t begin, 
 // their sums run beside the tables' gradients.
 std::pair<const Tensor*, const Tensor*> FlashMoELayer::routed_backward(const Tensor& dy) {
   if (!exchange_) {
-    experts_backward(expert_in_, h_, dy, expert_grad_layout_, expert_grads_);
+    experts_backward_rows(expert_in_, h_, dy, expert_grads_);
+    backward_tables(dy);
   } else {
     exchange_->start_dispatch_grad(dy);
     const int64_t T = dy.size(0), own = exchange_->own_begin();
@@ -204,7 +227,7 @@ std::pair<const Tensor*, const Tensor*> FlashMoELayer::routed_backward(const Ten
                                     expert_grads_.dgates.rows(begin, end));
     }
     exchange_->combine_grad(expert_grads_.dx, expert_grads_.dgates, dx_routed_, dgates_routed_);
-    experts_backward_tables(expert_in_, exchange_->owned_dy(), expert_grad_layout_, expert_grads_);
+    backward_tables(exchange_->owned_dy());
   }
   down_embed_.grad = expert_grads_.d_down;
   up_embed_.grad = expert_grads_.d_up;
@@ -212,6 +235,17 @@ std::pair<const Tensor*, const Tensor*> FlashMoELayer::routed_backward(const Ten
   if (!exchange_) return {&expert_grads_.dx, &expert_grads_.dgates};
   exchange_->wait();
   return {&dx_routed_, &dgates_routed_};
+}
+
+// The tables' gradients from the rows phase and every computed row's dy, beside the
+// rest of the backward (finish_backward() joins them).
+void FlashMoELayer::backward_tables(const Tensor& dy) {
+  run_beside(tables_side_.get(),
+             [&] { experts_backward_tables(expert_in_, dy, expert_grad_layout_, expert_grads_); });
+}
+
+void FlashMoELayer::finish_backward() {
+  if (tables_side_) tables_side_->join();
 }
 
 // The backward's rows phase over owned rows [begin, end), whose dy is `dy`.
@@ -228,8 +262,11 @@ const Tensor& FlashMoELayer::forward(const Tensor& x, bool training) {
   expect_dtype(x, dtype_, "layer input");
   expect_device(x, device_, "layer input");
   const int64_t T = x.size(0), H = config_.heads, K = config_.top_k;
+  // The last backward's tables phase reads the rows that the dispatch overwrites, and
+  // the last count the routing that the router writes.
+  finish_backward();
+  join_key_count();
   x_ = x;
-  join_key_count();  // the last count has read the routing that the router now writes
   if (exchange_) exchange_->start_dispatch(x_);  // x travels while the router runs
   if (!exchange_) fork_shared_branch();
   forward_norm(training);
@@ -258,6 +295,7 @@ const Tensor& FlashMoELayer::backward(const Tensor& dy) {
   expect_shape(dy, x_.shape(), "layer dy");
   expect_dtype(dy, dtype_, "layer dy");
   const int64_t T = x_.size(0), H = config_.heads, K = config_.top_k;
+  finish_backward();  // the last tables phase reads the buffers that this one writes
   fork_shared_branch();
   const auto [dx_routed, dgates] = routed_backward(dy);
   ensure(dlogits_, logits_.shape(), DType::f32, device_);

@@ -28,6 +28,12 @@
 // stream and a duplicate of the communicator of their own, since only the backward reads
 // them: on the main stream the sum was a collective that every rank waited at in every
 // layer. One GPU counts on the main stream (a few µs; beside, it measured slower).
+//
+// The expert tables' gradients feed only the optimizer, so on GPUs backward queues
+// them (the sort of the pairs by expert and the per-expert sums) on a stream beside the
+// rest, shared by the device's layers, and returns dx without waiting for them:
+// finish_backward() makes the current stream wait for them. Until then the x of the
+// forward and the dy of the backward must stay unchanged.
 #pragma once
 
 #include <memory>
@@ -57,8 +63,11 @@ class FlashMoELayer {
 
   // y [T, D] for x [T, D]; `training` selects batch or running statistics.
   const Tensor& forward(const Tensor& x, bool training);
-  // dx [T, D] for dy [T, D]; fills every parameter's gradient (overwriting).
+  // dx [T, D] for dy [T, D]; fills every parameter's gradient (overwriting), the expert
+  // tables' after finish_backward().
   const Tensor& backward(const Tensor& dy);
+  // The current stream waits for the expert tables' gradients of the last backward.
+  void finish_backward();
 
   std::vector<Parameter*> parameters();
   // The scale of the loss this layer's output feeds (the model's loss_scale), which the
@@ -94,6 +103,7 @@ class FlashMoELayer {
   // tokens.
   std::pair<const Tensor*, const Tensor*> routed_backward(const Tensor& dy);
   void experts_backward_rows_of(const Tensor& dy, int64_t begin, int64_t end);
+  void backward_tables(const Tensor& dy);
 
   int64_t dim_;
   MoeConfig config_;
@@ -113,6 +123,7 @@ class FlashMoELayer {
   Communicator* comm_ = nullptr;              // P > 1 only
   std::unique_ptr<Communicator> count_comm_;  // the key count's sum (balance loss, P > 1)
   std::unique_ptr<SideStream> count_side_;    // and its stream (cuda)
+  std::shared_ptr<SideStream> tables_side_;   // the tables' gradients (cuda; per device)
   double loss_scale_ = 0;                     // 0: the default, 1 / global tokens
   bool balancing_ = false;                    // the last forward counted key selections
 

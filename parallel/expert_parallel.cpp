@@ -137,8 +137,9 @@ void ExpertExchange::scatter_sum(const Tensor& partials, Tensor& out) {
 }
 
 void ExpertExchange::send_block(SideStream& lane, int peer, int inbox, const Tensor& src,
-                                int landed) {
+                                int landed, bool await_credit) {
   lane.fork();
+  if (await_credit) peer_->wait(peer, kCredit, lane.stream());
   peer_->put(peer, inbox, comm_->rank() * src.nbytes(), src, lane.stream());
   peer_->raise(peer, landed, lane.stream());
 }
@@ -155,8 +156,7 @@ void ExpertExchange::start_dispatch(const Tensor& x) {
   wait();
   for (int p : peers_) peer_->raise(p, kCredit, current_stream());
   for (int p : send_order_) {
-    peer_->wait(p, kCredit, dispatch_lane_->stream());
-    send_block(*dispatch_lane_, p, kXInbox, x, kXLanded);
+    send_block(*dispatch_lane_, p, kXInbox, x, kXLanded, /*await_credit=*/true);
   }
   copy_own_block(x, owned_.x);
 }

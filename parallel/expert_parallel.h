@@ -137,9 +137,11 @@ class ExpertExchange {
   void gather(const Tensor& send, Tensor& recv);
   // partials [P T, ...] -> out [T, ...], summed over the owners.
   void scatter_sum(const Tensor& partials, Tensor& out);
-  // Peer copies: on `lane`, after the caller's stream so far, `src` to block `rank` of
-  // `peer`'s inbox `inbox`, then flag `landed` raised there.
-  void send_block(SideStream& lane, int peer, int inbox, const Tensor& src, int landed);
+  // Peer copies: on `lane`, after the caller's stream so far (and, with await_credit,
+  // after `peer`'s credit for the round), `src` to block `rank` of `peer`'s inbox
+  // `inbox`, then flag `landed` raised there.
+  void send_block(SideStream& lane, int peer, int inbox, const Tensor& src, int landed,
+                  bool await_credit = false);
   // Block `peer` of the gathered routing -> its owned ids and gates.
   void unpack_block(int peer);
   // Collectives: waits for the gathered routing and unpacks every other rank's rows.

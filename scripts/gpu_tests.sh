@@ -22,7 +22,7 @@ e=ExpertsGpu/ExpertsGpuMatchesCpu.EveryOutput
 # The experts' cases are named by shape: the small ones (T 1, 7, 300 and 333 at D <= 64),
 # which include the heavy, padded and empty id patterns and both kernel widths.
 experts="$e/T1_*:$e/T7_*:$e/T300_*:$e/T333_D1_*:$e/T333_D64_*"
-small="RouterGpu.SmallShapes*:ModelGpuOps.Embedding*:RouterBalanceGpu.*:Dtypes/OpsGpu.*:$experts:ExpertsGpu.OutOfRange*:LayerGpu.Fp32*:OptimGpu.Bitwise*:PhiloxGpu.*"
+small="RouterGpu.SmallShapes*:ModelGpuOps.Embedding*:RouterBalanceGpu.*:Dtypes/OpsGpu.*:$experts:ExpertsGpu.OutOfRange*:ExpertsGpu.TablesOnTwoStreams*:SideStreamGpu.*:LayerGpu.Fp32*:OptimGpu.Bitwise*:PhiloxGpu.*"
 sanitize memcheck "$small"
 sanitize racecheck "$small"
 exit "$status"

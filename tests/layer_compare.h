@@ -106,6 +106,7 @@ inline void compare_with_reference(const LayerCase& c, Device device, DType dtyp
         << "running_var";
   }
   const Tensor& dx = layer.backward(dy);
+  layer.finish_backward();
   ref::LayerGrads<double> g = ref::layer_backward(rc, rp, cache, dy.to_doubles());
   std::vector<Parameter*> p = layer.parameters();
   EXPECT_LT(test::relative_error(dx.to_doubles(), g.dx), tol) << "dx";

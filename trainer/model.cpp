@@ -180,6 +180,7 @@ const Tensor& Model::Block::moe_backward(const Tensor& dout, bool accumulate) {
     moe_grad_sums[i].copy_from(params[i]->grad);
   }
   const Tensor& dx_moe = moe->backward(dout);
+  if (accumulate) moe->finish_backward();
   for (size_t i = 0; accumulate && i < params.size(); ++i) {
     add_into(moe_grad_sums[i], params[i]->grad);
   }
@@ -285,6 +286,7 @@ const Tensor& Model::forward_backward(const Tensor& tokens, double loss_scale, b
   }
   if (ready) ready(group);
   for (FlashMoELayer* layer : moe_layers()) {
+    layer->finish_backward();
     if (layer->balance_loss().defined()) add_into(layer->balance_loss(), loss_);
   }
   return loss_;

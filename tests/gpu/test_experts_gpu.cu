@@ -10,6 +10,7 @@
 #include <cstring>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "core/philox.h"
@@ -294,6 +295,50 @@ TEST(ExpertsGpu, TokenRangesMatchOneCall) {
         EXPECT_TRUE(bytes_of(parts.d_up) == bytes_of(whole.d_up));
         if (layout == GradLayout::row_sparse) {
           EXPECT_TRUE(bytes_of(parts.rows) == bytes_of(whole.rows));
+        }
+      }
+    }
+  }
+}
+
+// The tables phase of two inputs on two streams at once (the layer runs it beside its
+// later work) gives the bytes of one call at a time: each stream has its own scratch.
+TEST(ExpertsGpu, TablesOnTwoStreamsMatchOneAtATime) {
+  FLASHMOE_REQUIRE_GPU();
+  struct Input {
+    ExpertInputs in;
+    Tensor h, dy;
+  };
+  std::vector<Input> inputs;
+  for (const auto& [T, D, E, seed] :
+       {std::tuple{4096, 256, 16384, 91}, std::tuple{1001, 768, 4096, 92}}) {
+    Input input{random_inputs(T, D, E, 16, DType::bf16, Activation::silu, heavy, seed)};
+    input.dy = random_tensor({T, D}, DType::bf16, seed + 10, -1.0f, 1.0f);
+    Tensor y = poisoned({T, D}, DType::bf16);
+    input.h = poisoned({T, 16}, DType::f32);
+    experts_forward(input.in, y, input.h);
+    inputs.push_back(input);
+  }
+  for (GradLayout layout : {GradLayout::dense, GradLayout::row_sparse}) {
+    SCOPED_TRACE(layout == GradLayout::dense ? "dense" : "row_sparse");
+    std::vector<ExpertGrads> alone, together;
+    for (const Input& input : inputs) {
+      alone.push_back(poisoned_grads(input.in, layout));
+      experts_backward(input.in, input.h, input.dy, layout, alone.back());
+      together.push_back(poisoned_grads(input.in, layout));
+      experts_backward_rows(input.in, input.h, input.dy, together.back());
+    }
+    SideStream side;
+    for (int round = 0; round < 3; ++round) {  // the first round sizes the side's scratch
+      run_beside(&side,
+                 [&] { experts_backward_tables(inputs[0].in, inputs[0].dy, layout, together[0]); });
+      experts_backward_tables(inputs[1].in, inputs[1].dy, layout, together[1]);
+      side.join();
+      for (size_t i = 0; i < inputs.size(); ++i) {
+        EXPECT_TRUE(bytes_of(together[i].d_down) == bytes_of(alone[i].d_down)) << "input " << i;
+        EXPECT_TRUE(bytes_of(together[i].d_up) == bytes_of(alone[i].d_up)) << "input " << i;
+        if (layout == GradLayout::row_sparse) {
+          EXPECT_TRUE(bytes_of(together[i].rows) == bytes_of(alone[i].rows)) << "input " << i;
         }
       }
     }

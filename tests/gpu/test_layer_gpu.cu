@@ -42,6 +42,7 @@ std::vector<std::vector<float>> step_outputs(FlashMoELayer& layer, const Tensor&
                                              const Tensor& dy) {
   std::vector<std::vector<float>> out{layer.forward(x, true).to_floats()};
   out.push_back(layer.backward(dy).to_floats());
+  layer.finish_backward();
   for (Parameter* p : layer.parameters()) out.push_back(p->grad.to_floats());
   return out;
 }
@@ -77,6 +78,7 @@ TEST(LayerGpu, CudaGraphReplayEqualsEager) {
   CapturedGraph graph([&] {
     y = graphed.forward(x_in, true);
     dx = graphed.backward(dy);
+    graphed.finish_backward();
   });
   // Each replay reads the input buffer as it is then and reproduces the eager step.
   for (const auto& [input, expected] : {std::pair{&x2, &want2}, std::pair{&x, &want}}) {

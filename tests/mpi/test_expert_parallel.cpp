@@ -90,10 +90,12 @@ void expect_matches_one_rank(const test::LayerCase& c, Device device, Communicat
 
   const std::vector<double> y_whole = whole.forward(x, true).to_doubles();
   const std::vector<double> dx_whole = whole.backward(dy).to_doubles();
+  whole.finish_backward();
   const Tensor y = sharded.forward(shard_rows(x, comm), true);
   EXPECT_EQ(sharded.routing().expert_ids.to_vector<int32_t>(),
             shard_rows(whole.routing().expert_ids, comm).to_vector<int32_t>());
   const Tensor dx = sharded.backward(shard_rows(dy, comm));
+  sharded.finish_backward();
   const int64_t rows = c.T / P, first = comm.rank() * rows;
   auto rows_of = [&](const std::vector<double>& v, int64_t begin, int64_t count, int64_t width) {
     return std::vector<double>(v.begin() + begin * width, v.begin() + (begin + count) * width);
