@@ -210,8 +210,10 @@ void FlashMoELayer::experts_forward_rows(const ExpertInputs& in, int64_t begin, 
 }
 
 // With P ranks, the rows of the own tokens first, beside dy's transfer; then each
-// other rank's block, whose dx and dgates partials leave while the next is computed;
-// their sums run beside the tables' gradients.
+// other rank's block, whose dx and dgates partials leave while the next is computed.
+// The tables' gradients are queued beside before the current stream waits for the
+// peers' dgates partials; dx_routed_ is read only at the end of backward (after
+// exchange_->wait()), so its partials travel while the router's backward runs.
 std::pair<const Tensor*, const Tensor*> FlashMoELayer::routed_backward(const Tensor& dy) {
   if (!exchange_) {
     experts_backward_rows(expert_in_, h_, dy, expert_grads_);
@@ -226,14 +228,14 @@ std::pair<const Tensor*, const Tensor*> FlashMoELayer::routed_backward(const Ten
       exchange_->send_grad_partials(peer, expert_grads_.dx.rows(begin, end),
                                     expert_grads_.dgates.rows(begin, end));
     }
-    exchange_->combine_grad(expert_grads_.dx, expert_grads_.dgates, dx_routed_, dgates_routed_);
     backward_tables(exchange_->owned_dy());
+    exchange_->combine_grad(expert_grads_.dx, expert_grads_.dgates, dx_routed_, dgates_routed_);
+    exchange_->wait_dgates();
   }
   down_embed_.grad = expert_grads_.d_down;
   up_embed_.grad = expert_grads_.d_up;
   down_embed_.rows = up_embed_.rows = expert_grads_.rows;
   if (!exchange_) return {&expert_grads_.dx, &expert_grads_.dgates};
-  exchange_->wait();
   return {&dx_routed_, &dgates_routed_};
 }
 
@@ -317,6 +319,7 @@ const Tensor& FlashMoELayer::backward(const Tensor& dy) {
   linear_backward_weight(dq, xn_, w_router_.grad, false);
   linear_backward_input(dq, w_router_.value, dxn_);
   backward_norm(dxn_);
+  if (exchange_) exchange_->wait();
   add(*dx_routed, dx_norm_, dx_);
   run_shared_branch([&] {
     linear_backward_weight(dy, hidden_, w_down_.grad, false);

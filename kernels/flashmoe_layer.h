@@ -99,8 +99,8 @@ class FlashMoELayer {
   void experts_forward_rows(const ExpertInputs& in, int64_t begin, int64_t end);
   void count_key_usage();
   void join_key_count();
-  // Fills expert_grads_ and the tables' gradients; returns {dx, dgates} of this rank's
-  // tokens.
+  // Fills expert_grads_ and queues the tables' gradients; returns {dx, dgates} of this
+  // rank's tokens (with P > 1, dx after exchange_->wait()).
   std::pair<const Tensor*, const Tensor*> routed_backward(const Tensor& dy);
   void experts_backward_rows_of(const Tensor& dy, int64_t begin, int64_t end);
   void backward_tables(const Tensor& dy);

@@ -14,7 +14,16 @@ namespace {
 // The peer inboxes, in PeerMemory's buffer order.
 enum Inbox : int { kXInbox, kRoutingInbox, kDyInbox, kYInbox, kDxInbox, kDgatesInbox };
 // The flags of a round: the credit, then one per block that lands.
-enum Flag : int { kCredit, kXLanded, kRoutingLanded, kYLanded, kDyLanded, kDxLanded, kFlagKinds };
+enum Flag : int {
+  kCredit,
+  kXLanded,
+  kRoutingLanded,
+  kYLanded,
+  kDyLanded,
+  kDgatesLanded,
+  kDxLanded,
+  kFlagKinds
+};
 
 void expect_block(const Tensor& t, int64_t rows, int64_t width, DType dtype, const char* what) {
   expect_shape(t, {rows, width}, what);
@@ -284,25 +293,31 @@ void ExpertExchange::send_grad_partials(int peer, const Tensor& partial_dx, cons
   if (!peer_) return;
   expect_block(partial_dx, tokens_, width_, dtype_, "partial dx");
   expect_block(dgates, tokens_, slots_, DType::f32, "dgates");
-  SideStream& lane = *lanes_[peer];
-  lane.fork();
-  peer_->put(peer, kDgatesInbox, comm_->rank() * dgates.nbytes(), dgates, lane.stream());
-  send_block(lane, peer, kDxInbox, partial_dx, kDxLanded);
+  // dgates first: the router's backward waits for it, dx only at the layer's end.
+  send_block(*lanes_[peer], peer, kDgatesInbox, dgates, kDgatesLanded);
+  send_block(*lanes_[peer], peer, kDxInbox, partial_dx, kDxLanded);
 }
 
 void ExpertExchange::combine_grad(const Tensor& partial_dx, const Tensor& owned_dgates, Tensor& dx,
                                   Tensor& dgates) {
-  run_beside(side_.get(), [&] {
-    if (!peer_) {
+  if (!peer_) {
+    run_beside(side_.get(), [&] {
       scatter_sum(owned_dgates, dgates);
       scatter_sum(partial_dx, dx);
-      return;
-    }
+    });
+    return;
+  }
+  const int64_t own = own_begin(), end = own + tokens_;
+  run_beside(side_.get(), [&] {
     for (int p : peers_) peer_->wait(p, kDxLanded, current_stream());
-    const int64_t own = own_begin(), end = own + tokens_;
-    detail::sum_blocks(dgates_inbox_, owned_dgates.rows(own, end), comm_->rank(), dgates);
     detail::sum_blocks(dx_inbox_, partial_dx.rows(own, end), comm_->rank(), dx);
   });
+  for (int p : peers_) peer_->wait(p, kDgatesLanded, current_stream());
+  detail::sum_blocks(dgates_inbox_, owned_dgates.rows(own, end), comm_->rank(), dgates);
+}
+
+void ExpertExchange::wait_dgates() {
+  if (!peer_ && side_) side_->join();
 }
 
 }  // namespace flashmoe

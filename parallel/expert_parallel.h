@@ -51,7 +51,8 @@
 // own tokens (block `rank` of its rows) need nothing from the others, so the caller
 // computes their rows while the others' are on the way: the routing's transfer in the
 // forward, dy's in the backward. x starts as the layer begins, beside the norm and the
-// router; the dx and dgates partials return beside the expert tables' gradients.
+// router; the dgates partials return first, since the router's backward needs them,
+// and the dx partials beside that backward (and the caller's tables' gradients).
 #pragma once
 
 #include <array>
@@ -116,10 +117,13 @@ class ExpertExchange {
   // The dx [T, D] and dgates [T, S] partials of block `peer`, sent once computed.
   void send_grad_partials(int peer, const Tensor& partial_dx, const Tensor& dgates);
   // The owned rows' dx partials [R, D] and dgates [R, S] -> dx [T, D] and dgates
-  // [T, S], summed beside the caller's next work: wait() before reading either. The
-  // partials must stay unchanged until then.
+  // [T, S]: wait_dgates() before reading dgates, wait() before reading dx. Under peer
+  // copies the current stream sums dgates as soon as the peers' have landed (the
+  // router's backward needs it next), and dx is summed beside the caller's next work,
+  // as both are under collectives. The partials must stay unchanged until wait().
   void combine_grad(const Tensor& partial_dx, const Tensor& owned_dgates, Tensor& dx,
                     Tensor& dgates);
+  void wait_dgates();
   // The current stream waits for the transfers started beside it.
   void wait();
 
