@@ -219,7 +219,11 @@ INSTANTIATE_TEST_SUITE_P(
         Case{333, 768, 4096, 16, f32, silu, padded}, Case{1000, 1024, 16384, 64, bf, silu, padded},
         Case{7, 100, 4096, 512, f32, relu, padded}, Case{1000, 64, 102400, 16, f32, gelu, padded},
         Case{300, 64, 256, 16, f32, silu, IdPattern{"_heavy_padded", 4, 0.9, 0.5}},
-        Case{333, 64, 4096, 16, f32, silu, empty}, Case{7, 1024, 64, 8, bf, silu, empty}),
+        Case{333, 64, 4096, 16, f32, silu, empty}, Case{7, 1024, 64, 8, bf, silu, empty},
+        // Odd S on the narrow kernel (a warp a token), and an owner of 4's rows at the
+        // smoke model's shape (three quarters of the slots empty).
+        Case{333, 100, 4096, 5, bf, silu, padded}, Case{1001, 64, 4096, 31, f32, gelu, rep},
+        Case{1001, 256, 16384, 16, bf, silu, padded}),
     case_name);
 
 // Two runs on the same inputs give the same bytes in every output.
