@@ -184,21 +184,28 @@ void FlashMoELayer::routed_forward(const Tensor& ids, const Tensor& gates) {
   ensure(y_partial_, {R, dim_}, dtype_, device_);
   ensure(h_, {R, ids.size(1)}, DType::f32, device_);
   const ExpertRows own_rows = exchange_->dispatch(ids, gates);
-  if (exchange_->peer_copies()) fork_shared_branch();
   const auto own_block = [&] {
     experts_forward_rows(expert_inputs(own_rows.x, own_rows.ids, own_rows.gates), own, own + T);
   };
-  if (!exchange_->peer_copies()) own_block();
+  const bool peer_copies = exchange_->peer_copies();
+  if (peer_copies) {
+    fork_shared_branch();
+  } else {
+    own_block();
+  }
   for (int peer : exchange_->peers()) {
     const ExpertRows rows = exchange_->receive(peer);
     const int64_t begin = peer * T;
     experts_forward_rows(expert_inputs(rows.x, rows.ids, rows.gates), begin, begin + T);
     exchange_->send_partial(peer, y_partial_.rows(begin, begin + T));
   }
-  if (exchange_->peer_copies()) own_block();
+  if (peer_copies) {
+    own_block();
+  } else {
+    fork_shared_branch();
+  }
   const ExpertRows& owned = exchange_->owned();
   expert_in_ = expert_inputs(owned.x, owned.ids, owned.gates);
-  if (!exchange_->peer_copies()) fork_shared_branch();
   exchange_->combine(y_partial_, y_routed_);
 }
 
@@ -269,8 +276,11 @@ const Tensor& FlashMoELayer::forward(const Tensor& x, bool training) {
   finish_backward();
   join_key_count();
   x_ = x;
-  if (exchange_) exchange_->start_dispatch(x_);  // x travels while the router runs
-  if (!exchange_) fork_shared_branch();
+  if (exchange_) {
+    exchange_->start_dispatch(x_);  // x travels while the router runs
+  } else {
+    fork_shared_branch();
+  }
   forward_norm(training);
   // fp32 logits even with bf16 storage: bf16 would tie many keys, and the tie rule
   // (smaller id first) would then bias the selection toward low expert ids.
@@ -319,7 +329,7 @@ const Tensor& FlashMoELayer::backward(const Tensor& dy) {
   linear_backward_weight(dq, xn_, w_router_.grad, false);
   linear_backward_input(dq, w_router_.value, dxn_);
   backward_norm(dxn_);
-  if (exchange_) exchange_->wait();
+  if (exchange_) exchange_->wait();  // dx_routed was summed beside the router's backward
   add(*dx_routed, dx_norm_, dx_);
   run_shared_branch([&] {
     linear_backward_weight(dy, hidden_, w_down_.grad, false);
