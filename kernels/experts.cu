@@ -10,7 +10,11 @@
 //   Where S <= 32, slot_dot_narrow_kernel serves step 1 (here and in the backward):
 //   a warp per token over its filled slots only, the same dots bit for bit.
 //   Each pass reads one table only, so at the quickstart shape (E = 16384, D = 1024,
-//   bf16: 32 MB a table) the table a pass gathers from stays in the 50 MB L2.
+//   bf16: 32 MB a table) the table a pass gathers from stays in the 50 MB L2. Where
+//   S <= 32 and both tables fit in half the L2, the narrow kernel makes step 2 too
+//   (and step 2 of the backward), from the coefficients its lanes hold, in the same
+//   order: the same bits, without a second kernel that stages every token's slots
+//   again (an owner's rows under expert parallelism are mostly empty slots).
 // Backward: the rows phase makes the same two passes token-centric (any token range
 // on its own), then the tables phase makes the expert gradients expert-centric over
 // every token, without floating-point atomics:
@@ -179,22 +183,44 @@ void check_ids_on_device(const ExpertInputs& in, const Sizes& s, unsigned long l
                              << " (or id < 0: an empty slot)");
 }
 
-// Launches slot_dot_kernel over all pairs (a no-op when there are none).
+// Launches slot_dot_kernel over all pairs (a no-op when there are none); with a
+// RowSum, the narrow kernel that also sums the rows (fuse_row_sums said yes).
 template <class T, int kVec, class Epilogue>
 void launch_slot_dots(const T* token_rows, const T* table, const int32_t* ids, const Sizes& s,
-                      Epilogue epilogue) {
+                      Epilogue epilogue, RowSum<T> sum = {}) {
   if (s.pairs == 0) return;
   if (s.slots <= kWarp) {
-    slot_dot_narrow_kernel<T, kVec>
-        <<<blocks_for(s.tokens, kDotWarps), kDotWarps * kWarp, 0, current_stream()>>>(
-            token_rows, table, ids, s.tokens, s.slots, s.dim, epilogue);
+    const unsigned blocks = blocks_for(s.tokens, kDotWarps);
+    if (sum.table != nullptr) {
+      slot_dot_narrow_kernel<T, kVec, Epilogue, true>
+          <<<blocks, kDotWarps * kWarp, 0, current_stream()>>>(token_rows, table, ids, s.tokens,
+                                                               s.slots, s.dim, epilogue, sum);
+    } else {
+      slot_dot_narrow_kernel<T, kVec, Epilogue, false>
+          <<<blocks, kDotWarps * kWarp, 0, current_stream()>>>(token_rows, table, ids, s.tokens,
+                                                               s.slots, s.dim, epilogue, sum);
+    }
     CUDA_CHECK_LAUNCH("slot_dot_narrow_kernel");
     return;
   }
+  FLASHMOE_CHECK(sum.table == nullptr,
+                 "a fused row sum needs S <= " << kWarp << ", got S = " << s.slots);
   const dim3 grid(static_cast<unsigned>(s.tokens), blocks_for(s.slots, kDotSlotsPerBlock));
   slot_dot_kernel<T, kVec><<<grid, kDotWarps * kWarp, 0, current_stream()>>>(
       token_rows, table, ids, s.slots, s.dim, epilogue);
   CUDA_CHECK_LAUNCH("slot_dot_kernel");
+}
+
+// Whether the row sums run in the dot kernel: rows of at most kWarp slots, whose warp
+// holds every coefficient, and two tables that fit in half the L2 together (each
+// separate pass gathers from one table, so that a larger table stays in L2 for it).
+bool fuse_row_sums(const Sizes& s, DType dtype) {
+  if (s.slots > kWarp) return false;
+  int device = 0, l2_bytes = 0;
+  CUDA_CHECK(cudaGetDevice(&device));
+  CUDA_CHECK(cudaDeviceGetAttribute(&l2_bytes, cudaDevAttrL2CacheSize, device));
+  const double tables_bytes = 2.0 * s.experts * s.dim * dtype_size(dtype);
+  return tables_bytes <= 0.5 * l2_bytes;
 }
 
 // Launches slot_sum_kernel: out[t] = sum_s coef[t][s] table[ids[t][s]].
@@ -221,12 +247,18 @@ void experts_forward_cuda(const ExpertInputs& in, Tensor& y, Tensor& h) {
   float* coef = carve<float>(scratch, coef_at);
   const bool vectorized =
       rows_aligned_16(s.dim, dtype_size(in.x.dtype()), {&in.x, &in.down_embed, &in.up_embed, &y});
+  const bool fused = fuse_row_sums(s, in.x.dtype());
   dispatch(in.x.dtype(), vectorized, [&]<class T, int kVec>() {
     const int32_t* ids = in.ids.data<int32_t>();
-    launch_slot_dots<T, kVec>(
-        in.x.data<T>(), in.down_embed.data<T>(), ids, s,
-        ForwardDotEpilogue{in.gates.data<float>(), h.data<float>(), coef, in.act});
-    launch_slot_sums<T, kVec>(in.up_embed.data<T>(), ids, coef, s, y.data<T>());
+    const ForwardDotEpilogue epilogue{in.gates.data<float>(), h.data<float>(),
+                                      fused ? nullptr : coef, in.act};
+    if (fused) {
+      launch_slot_dots<T, kVec>(in.x.data<T>(), in.down_embed.data<T>(), ids, s, epilogue,
+                                RowSum<T>{in.up_embed.data<T>(), y.data<T>()});
+    } else {
+      launch_slot_dots<T, kVec>(in.x.data<T>(), in.down_embed.data<T>(), ids, s, epilogue);
+      launch_slot_sums<T, kVec>(in.up_embed.data<T>(), ids, coef, s, y.data<T>());
+    }
   });
 }
 
@@ -239,14 +271,20 @@ void experts_backward_rows_cuda(const ExpertInputs& in, const Tensor& h, const T
   if (in.validate_ids) check_ids_on_device(in, s, carve<unsigned long long>(scratch, first_bad_at));
   const bool vectorized = rows_aligned_16(s.dim, dtype_size(in.x.dtype()),
                                           {&in.x, &in.down_embed, &in.up_embed, &dy, &grads.dx});
+  const bool fused = fuse_row_sums(s, in.x.dtype());
   dispatch(in.x.dtype(), vectorized, [&]<class T, int kVec>() {
     const int32_t* ids = in.ids.data<int32_t>();
-    launch_slot_dots<T, kVec>(
-        dy.data<T>(), in.up_embed.data<T>(), ids, s,
-        BackwardDotEpilogue{in.gates.data<float>(), h.data<float>(), grads.dgates.data<float>(),
-                            grads.slot_dh.data<float>(), grads.slot_a.data<float>(), in.act});
-    launch_slot_sums<T, kVec>(in.down_embed.data<T>(), ids, grads.slot_dh.data<float>(), s,
-                              grads.dx.data<T>());
+    const BackwardDotEpilogue epilogue{in.gates.data<float>(),     h.data<float>(),
+                                       grads.dgates.data<float>(), grads.slot_dh.data<float>(),
+                                       grads.slot_a.data<float>(), in.act};
+    if (fused) {
+      launch_slot_dots<T, kVec>(dy.data<T>(), in.up_embed.data<T>(), ids, s, epilogue,
+                                RowSum<T>{in.down_embed.data<T>(), grads.dx.data<T>()});
+    } else {
+      launch_slot_dots<T, kVec>(dy.data<T>(), in.up_embed.data<T>(), ids, s, epilogue);
+      launch_slot_sums<T, kVec>(in.down_embed.data<T>(), ids, grads.slot_dh.data<float>(), s,
+                                grads.dx.data<T>());
+    }
   });
 }
 

@@ -111,10 +111,12 @@ constexpr int kDotSlotsPerBlock = kDotWarps * kDotRowsPerWarp;
 
 // An epilogue reads its per-pair inputs with load(pair) before the dot is computed
 // (the loads overlap the row gathers instead of following them), then finishes the
-// pair with operator()(pair, dot, filled, inputs).
+// pair with operator()(pair, dot, filled, inputs), which returns the pair's coefficient
+// in the row sum that follows the dots.
 
 // Forward: h = dot, and the coefficient of up_embed[e] in y[t], act(h) * g (both 0
-// for an empty slot).
+// for an empty slot), which it returns and writes to `coef` unless that is null (the
+// kernel sums the rows itself).
 struct ForwardDotEpilogue {
   const float* gates;
   float* h;
@@ -124,14 +126,16 @@ struct ForwardDotEpilogue {
     float gate;
   };
   __device__ Inputs load(int64_t pair) const { return {gates[pair]}; }
-  __device__ void operator()(int64_t pair, float dot, bool filled, Inputs in) const {
+  __device__ float operator()(int64_t pair, float dot, bool filled, Inputs in) const {
+    const float c = filled ? activate(act, dot) * in.gate : 0.0f;
     h[pair] = filled ? dot : 0.0f;
-    coef[pair] = filled ? activate(act, dot) * in.gate : 0.0f;
+    if (coef != nullptr) coef[pair] = c;
+    return c;
   }
 };
 
 // Backward: z = dot = <dy[t], up[e]>; dgates = act(h) z; dh = z g act'(h) (the
-// coefficient of down_embed[e] in dx[t] and of x[t] in d_down[e]); a = act(h) g
+// coefficient of down_embed[e] in dx[t] and of x[t] in d_down[e], returned); a = act(h) g
 // (the coefficient of dy[t] in d_up[e]); all three 0 for an empty slot.
 struct BackwardDotEpilogue {
   const float* gates;
@@ -144,11 +148,13 @@ struct BackwardDotEpilogue {
     float pre, gate;
   };
   __device__ Inputs load(int64_t pair) const { return {h[pair], gates[pair]}; }
-  __device__ void operator()(int64_t pair, float z, bool filled, Inputs in) const {
+  __device__ float operator()(int64_t pair, float z, bool filled, Inputs in) const {
     const float pre = in.pre, g = in.gate, activated = activate(act, pre);
+    const float dh = filled ? z * g * activate_grad(act, pre) : 0.0f;
     dgates[pair] = filled ? activated * z : 0.0f;
-    pair_dh[pair] = filled ? z * g * activate_grad(act, pre) : 0.0f;
+    pair_dh[pair] = dh;
     pair_a[pair] = filled ? activated * g : 0.0f;
+    return dh;
   }
 };
 
@@ -224,15 +230,68 @@ __global__ void __launch_bounds__(kDotWarps* kWarp)
   }
 }
 
+// The row sum that a narrow dot kernel can finish with (table == nullptr: none):
+// out[t] = sum over t's filled slots s, ascending, of coef[t][s] * table[ids[t][s]],
+// with the coefficients the epilogue returns.
+template <class T>
+struct RowSum {
+  const T* table = nullptr;
+  T* out = nullptr;
+};
+
+constexpr int kSumRowsPerWarp = 4;
+
+// out_row = sum over the slots in `filled` (a ballot; lane s holds slot s's id and
+// coefficient), ascending, of coef * table[id]: the fmaf chain of accumulate_rows, so
+// the bits of slot_sum_kernel. Lanes stride over the row's chunks.
+template <class T, int kVec>
+__device__ __forceinline__ void warp_row_sum(const T* table, int32_t my_id, float my_coef,
+                                             unsigned filled, int64_t dim, int lane, T* out_row) {
+  const int64_t chunks = dim / kVec;
+  for (int64_t first_chunk = 0; first_chunk < chunks; first_chunk += kWarp) {
+    const bool active = first_chunk + lane < chunks;  // every lane shuffles
+    const int64_t at = (first_chunk + lane) * kVec;
+    float acc[kVec] = {};
+    for (unsigned left = filled; left != 0;) {
+      bool has[kSumRowsPerWarp];
+      float coef[kSumRowsPerWarp];
+      float row[kSumRowsPerWarp][kVec];
+#pragma unroll
+      for (int r = 0; r < kSumRowsPerWarp; ++r) {
+        has[r] = left != 0;
+        const int slot = has[r] ? __ffs(left) - 1 : 0;
+        left &= left - 1;
+        const int32_t id = __shfl_sync(0xffffffffu, my_id, slot);
+        coef[r] = __shfl_sync(0xffffffffu, my_coef, slot);
+        if (has[r] && active) {
+          load_floats<T, kVec, Cache::l2_only>(table + int64_t(id) * dim + at, row[r]);
+        } else {
+#pragma unroll
+          for (int k = 0; k < kVec; ++k) row[r][k] = 0.0f;
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < kSumRowsPerWarp; ++r) {
+        if (!has[r]) continue;
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) acc[k] = fmaf(coef[r], row[r][k], acc[k]);
+      }
+    }
+    if (active) store_floats<T, kVec>(out_row + at, acc);
+  }
+}
+
 // Rows of at most kWarp slots: one warp per token, lane s holding slot s. The filled
 // slots (a ballot) are gathered kDotRowsPerWarp at a time in ascending slot order, so a
 // row whose slots are mostly empty (an owner's rows under expert parallelism) costs
 // only its filled ones. The dots are those slot_dot_kernel computes, bit for bit.
-template <class T, int kVec, class Epilogue>
+// kSumRows: the warp then makes the row sum of the same slots (slot_sum_kernel's
+// outputs, bit for bit), which saves that kernel's staging of every token's slots.
+template <class T, int kVec, class Epilogue, bool kSumRows>
 __global__ void __launch_bounds__(kDotWarps* kWarp)
     slot_dot_narrow_kernel(const T* __restrict__ token_rows, const T* __restrict__ table,
                            const int32_t* __restrict__ ids, int64_t tokens, int64_t slots,
-                           int64_t dim, Epilogue epilogue) {
+                           int64_t dim, Epilogue epilogue, RowSum<T> sum) {
   const int lane = threadIdx.x % kWarp;
   const int64_t token = int64_t(blockIdx.x) * kDotWarps + threadIdx.x / kWarp;
   if (token >= tokens) return;  // whole warps leave; the kernel has no block barrier
@@ -242,8 +301,9 @@ __global__ void __launch_bounds__(kDotWarps* kWarp)
   const typename Epilogue::Inputs my_inputs =
       in_row ? epilogue.load(my_pair) : typename Epilogue::Inputs{};
   const T* token_row = token_rows + token * dim;
+  const unsigned filled_slots = __ballot_sync(0xffffffffu, my_id >= 0);
   float my_dot = 0.0f;
-  for (unsigned left = __ballot_sync(0xffffffffu, my_id >= 0); left != 0;) {
+  for (unsigned left = filled_slots; left != 0;) {
     int slot[kDotRowsPerWarp];
     const T* rows[kDotRowsPerWarp];
     bool filled[kDotRowsPerWarp];
@@ -263,7 +323,11 @@ __global__ void __launch_bounds__(kDotWarps* kWarp)
       if (filled[r] && lane == slot[r]) my_dot = dot;
     }
   }
-  if (in_row) epilogue(my_pair, my_dot, my_id >= 0, my_inputs);
+  const float my_coef = in_row ? epilogue(my_pair, my_dot, my_id >= 0, my_inputs) : 0.0f;
+  if constexpr (kSumRows) {
+    warp_row_sum<T, kVec>(sum.table, my_id, my_coef, filled_slots, dim, lane,
+                          sum.out + token * dim);
+  }
 }
 
 // ---------------------------------------------------------------------------------

@@ -229,29 +229,64 @@ INSTANTIATE_TEST_SUITE_P(
 // Two runs on the same inputs give the same bytes in every output.
 TEST(ExpertsGpu, BitwiseRepeatable) {
   FLASHMOE_REQUIRE_GPU();
-  for (IdPattern pattern : {rep, skew, heavy, single, padded}) {
-    SCOPED_TRACE(std::string("ids") + pattern.name);
-    const ExpertInputs in =
-        random_inputs(1000, 1024, 4096, 64, DType::bf16, Activation::silu, pattern, 42);
-    const Tensor dy = random_tensor({1000, 1024}, DType::bf16, 43, -1.0f, 1.0f);
-    std::vector<std::vector<uint8_t>> first;
-    for (int run = 0; run < 2; ++run) {
-      Tensor y = poisoned({1000, 1024}, DType::bf16), h = poisoned({1000, 64}, DType::f32);
-      experts_forward(in, y, h);
-      ExpertGrads dense = poisoned_grads(in, GradLayout::dense);
-      experts_backward(in, h, dy, GradLayout::dense, dense);
-      ExpertGrads sparse = poisoned_grads(in, GradLayout::row_sparse);
-      experts_backward(in, h, dy, GradLayout::row_sparse, sparse);
-      const std::vector<const Tensor*> outputs = {
-          &y,          &h,           &dense.dx,      &dense.dgates, &dense.d_down,
-          &dense.d_up, &sparse.rows, &sparse.d_down, &sparse.d_up};
-      for (size_t i = 0; i < outputs.size(); ++i) {
-        if (run == 0) {
-          first.push_back(bytes_of(*outputs[i]));
-        } else {
-          EXPECT_TRUE(bytes_of(*outputs[i]) == first[i]) << "output " << i << " changed";
+  // S = 64: a block per (token, 16 slots); S = 16: a warp per token, row sums fused.
+  for (const int64_t S : {64, 16})
+    for (IdPattern pattern : {rep, skew, heavy, single, padded}) {
+      SCOPED_TRACE(std::string("S ") + std::to_string(S) + " ids" + pattern.name);
+      const ExpertInputs in =
+          random_inputs(1000, 1024, 4096, S, DType::bf16, Activation::silu, pattern, 42);
+      const Tensor dy = random_tensor({1000, 1024}, DType::bf16, 43, -1.0f, 1.0f);
+      std::vector<std::vector<uint8_t>> first;
+      for (int run = 0; run < 2; ++run) {
+        Tensor y = poisoned({1000, 1024}, DType::bf16), h = poisoned({1000, S}, DType::f32);
+        experts_forward(in, y, h);
+        ExpertGrads dense = poisoned_grads(in, GradLayout::dense);
+        experts_backward(in, h, dy, GradLayout::dense, dense);
+        ExpertGrads sparse = poisoned_grads(in, GradLayout::row_sparse);
+        experts_backward(in, h, dy, GradLayout::row_sparse, sparse);
+        const std::vector<const Tensor*> outputs = {
+            &y,          &h,           &dense.dx,      &dense.dgates, &dense.d_down,
+            &dense.d_up, &sparse.rows, &sparse.d_down, &sparse.d_up};
+        for (size_t i = 0; i < outputs.size(); ++i) {
+          if (run == 0) {
+            first.push_back(bytes_of(*outputs[i]));
+          } else {
+            EXPECT_TRUE(bytes_of(*outputs[i]) == first[i]) << "output " << i << " changed";
+          }
         }
       }
+    }
+}
+
+// Rows of at most 32 slots get their row sums (y, dx) in the dot kernel when both
+// tables fit in half the L2, else from separate passes: the same bytes either way. The
+// small tables here are the first rows of large ones, and the ids stay in them.
+TEST(ExpertsGpu, FusedRowSumsMatchSeparatePasses) {
+  FLASHMOE_REQUIRE_GPU();
+  const int64_t T = 1001, D = 256, small_E = 1024, large_E = 262144;  // 256 MB a table
+  for (const auto& [S, dtype] : {std::pair{int64_t{16}, DType::bf16},
+                                 {int64_t{5}, DType::f32},
+                                 {int64_t{32}, DType::bf16}}) {
+    SCOPED_TRACE("S " + std::to_string(S));
+    ExpertInputs large = random_inputs(T, D, large_E, S, dtype, Activation::silu, uniform, 91 + S);
+    large.ids = random_ids(T, S, small_E, padded, 92);
+    ExpertInputs small = large;
+    small.down_embed = large.down_embed.rows(0, small_E);
+    small.up_embed = large.up_embed.rows(0, small_E);
+    const Tensor dy = random_tensor({T, D}, dtype, 93, -1.0f, 1.0f);
+    std::vector<std::vector<uint8_t>> outputs[2];
+    for (int run = 0; run < 2; ++run) {
+      const ExpertInputs& in = run == 0 ? small : large;
+      Tensor y = poisoned({T, D}, dtype), h = poisoned({T, S}, DType::f32);
+      experts_forward(in, y, h);
+      ExpertGrads grads = poisoned_grads(in, GradLayout::row_sparse);
+      experts_backward_rows(in, h, dy, grads);
+      for (const Tensor* t : {&y, &h, &grads.dx, &grads.dgates, &grads.slot_dh, &grads.slot_a}) {
+        outputs[run].push_back(bytes_of(*t));
+      }
+    }
+    for (size_t i = 0; i < outputs[0].size(); ++i) {
+      EXPECT_TRUE(outputs[0][i] == outputs[1][i]) << "output " << i << " differs";
     }
   }
 }
