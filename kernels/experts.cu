@@ -45,8 +45,8 @@
 //      their count (8 contiguous ascending ranges, then the 8 sums in order). So a
 //      hot expert with thousands of pairs costs many short blocks instead of one
 //      long serial one; under uniform ids there are almost no split rows.
-// Every sum has a fixed order (butterfly for the dots, ascending slot or pair index,
-// the fixed tree of step 7): results are bitwise repeatable, with no atomics.
+// Every sum has a fixed order (warp_sum's butterfly for the dots, ascending slot or
+// pair index, the fixed tree of step 7): results are bitwise repeatable, no atomics.
 //
 // Rows are read in 16-byte chunks when D * sizeof(T) is a multiple of 16 and every
 // row base is 16-byte aligned, else one element at a time (any D).

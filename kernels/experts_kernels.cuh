@@ -106,7 +106,7 @@ __device__ __forceinline__ void store_fp32(float* dst, const float (&v)[kVec], b
 // Per (token, slot) dot products: dot[t][s] = <token_rows[t], table[ids[t][s]]>.
 
 constexpr int kDotWarps = 4;
-constexpr int kDotRowsPerWarp = 4;
+constexpr int kDotRowsPerWarp = 4;  // warp_sum_quarters adds four rows at once
 constexpr int kDotSlotsPerBlock = kDotWarps * kDotRowsPerWarp;
 
 // An epilogue reads its per-pair inputs with load(pair) before the dot is computed
@@ -189,14 +189,15 @@ __device__ __forceinline__ void lane_partial_dots(const T* token_row, const T* c
 }
 
 // Block (token t = blockIdx.x, slots [16 * blockIdx.y, +16)); warp w takes 4
-// consecutive slots. Lane partial sums are combined by warp_sum, then one lane per slot
-// hands the dot to the epilogue. The rows of empty slots are not read (the branch is
-// uniform over the warp) and their dots are 0.
+// consecutive slots. Lane partial sums are combined by warp_sum_quarters, then lane 8r
+// hands slot r's dot to the epilogue. The rows of empty slots are not read (the branch
+// is uniform over the warp) and their dots are 0.
 template <class T, int kVec, class Epilogue>
 __global__ void __launch_bounds__(kDotWarps* kWarp)
     slot_dot_kernel(const T* __restrict__ token_rows, const T* __restrict__ table,
                     const int32_t* __restrict__ ids, int64_t slots, int64_t dim,
                     Epilogue epilogue) {
+  static_assert(kDotRowsPerWarp == 4, "warp_sum_quarters sums four rows");
   const int lane = threadIdx.x % kWarp;
   const int64_t first_slot =
       int64_t(blockIdx.y) * kDotSlotsPerBlock + (threadIdx.x / kWarp) * kDotRowsPerWarp;
@@ -205,6 +206,8 @@ __global__ void __launch_bounds__(kDotWarps* kWarp)
   const T* rows[kDotRowsPerWarp];
   bool filled[kDotRowsPerWarp];
   bool any_filled = false;
+  const int my_row = lane / (kWarp / kDotRowsPerWarp);
+  bool my_filled = false;
 #pragma unroll
   for (int r = 0; r < kDotRowsPerWarp; ++r) {
     // Past the last slot the warp re-reads the last row and drops its dot.
@@ -212,22 +215,21 @@ __global__ void __launch_bounds__(kDotWarps* kWarp)
     const int32_t id = ids[token * slots + slot];
     filled[r] = id >= 0;
     any_filled = any_filled || filled[r];
+    if (r == my_row) my_filled = filled[r];
     rows[r] = table + int64_t(filled[r] ? id : 0) * dim;
   }
-  // Lane r finishes slot r: its epilogue inputs are loaded now, beside the gathers.
-  const int64_t my_pair = token * slots + min(first_slot + lane, slots - 1);
+  // Lane 8r finishes slot r: its epilogue inputs are loaded now, beside the gathers.
+  const bool finishes = lane % (kWarp / kDotRowsPerWarp) == 0;
+  const int64_t my_pair = token * slots + min(first_slot + my_row, slots - 1);
   const typename Epilogue::Inputs my_inputs =
-      lane < kDotRowsPerWarp ? epilogue.load(my_pair) : typename Epilogue::Inputs{};
+      finishes ? epilogue.load(my_pair) : typename Epilogue::Inputs{};
   float partial[kDotRowsPerWarp] = {};
   if (any_filled) {
     lane_partial_dots<T, kVec>(token_rows + token * dim, rows, filled, int(dim / kVec), lane,
                                partial);
   }
-#pragma unroll
-  for (int r = 0; r < kDotRowsPerWarp; ++r) {
-    const float dot = warp_sum(partial[r]);
-    if (lane == r && first_slot + r < slots) epilogue(my_pair, dot, filled[r], my_inputs);
-  }
+  const float dot = warp_sum_quarters(partial);
+  if (finishes && first_slot + my_row < slots) epilogue(my_pair, dot, my_filled, my_inputs);
 }
 
 // The row sum that a narrow dot kernel can finish with (table == nullptr: none):
@@ -317,11 +319,19 @@ __global__ void __launch_bounds__(kDotWarps* kWarp)
     }
     float partial[kDotRowsPerWarp] = {};
     lane_partial_dots<T, kVec>(token_row, rows, filled, int(dim / kVec), lane, partial);
+    // Lane 8r holds row r's dot; the lane of its slot takes it.
+    const float dot = warp_sum_quarters(partial);
+    int from = 0;
+    bool takes = false;
 #pragma unroll
     for (int r = 0; r < kDotRowsPerWarp; ++r) {
-      const float dot = warp_sum(partial[r]);
-      if (filled[r] && lane == slot[r]) my_dot = dot;
+      if (filled[r] && lane == slot[r]) {
+        from = r * (kWarp / kDotRowsPerWarp);
+        takes = true;
+      }
     }
+    const float taken = __shfl_sync(0xffffffffu, dot, from);
+    if (takes) my_dot = taken;
   }
   const float my_coef = in_row ? epilogue(my_pair, my_dot, my_id >= 0, my_inputs) : 0.0f;
   if constexpr (kSumRows) {

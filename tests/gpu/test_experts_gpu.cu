@@ -291,6 +291,57 @@ TEST(ExpertsGpu, FusedRowSumsMatchSeparatePasses) {
   }
 }
 
+// A row of 32 slots (the narrow kernel, a warp a token) and the same row with 8 empty
+// slots after them (the wide kernel, a block a token): the same bits in h, y, dgates
+// and dx, since both kernels sum a dot's lanes in the same tree.
+TEST(ExpertsGpu, NarrowAndWideKernelsAgree) {
+  FLASHMOE_REQUIRE_GPU();
+  const int64_t T = 333, D = 256, E = 4096, narrow_S = 32, wide_S = 40;
+  const ExpertInputs narrow =
+      random_inputs(T, D, E, narrow_S, DType::bf16, Activation::gelu, padded, 95);
+  const std::vector<int32_t> narrow_ids = narrow.ids.to_vector<int32_t>();
+  const std::vector<float> narrow_gates = narrow.gates.to_vector<float>();
+  std::vector<int32_t> wide_ids(T * wide_S, -1);
+  std::vector<float> wide_gates(T * wide_S, 0.0f);
+  for (int64_t t = 0; t < T; ++t) {
+    std::copy_n(narrow_ids.begin() + t * narrow_S, narrow_S, wide_ids.begin() + t * wide_S);
+    std::copy_n(narrow_gates.begin() + t * narrow_S, narrow_S, wide_gates.begin() + t * wide_S);
+  }
+  ExpertInputs wide = narrow;
+  wide.ids = Tensor::from_vector(wide_ids, {T, wide_S}, Device::cuda);
+  wide.gates = Tensor::from_vector(wide_gates, {T, wide_S}, Device::cuda);
+  const Tensor dy = random_tensor({T, D}, DType::bf16, 96, -1.0f, 1.0f);
+  // [T, S] fp32 -> its first 32 columns, as bytes.
+  const auto first_slots = [&](const Tensor& t) {
+    const std::vector<float> all = t.to_vector<float>();
+    const int64_t S = t.size(1);
+    std::vector<float> first(T * narrow_S);
+    for (int64_t row = 0; row < T; ++row) {
+      std::copy_n(all.begin() + row * S, narrow_S, first.begin() + row * narrow_S);
+    }
+    return first;
+  };
+  std::vector<float> h_of[2], dgates_of[2];
+  std::vector<uint8_t> y_of[2], dx_of[2];
+  for (int run = 0; run < 2; ++run) {
+    const ExpertInputs& in = run == 0 ? narrow : wide;
+    const int64_t S = in.ids.size(1);
+    Tensor y = poisoned({T, D}, DType::bf16), h = poisoned({T, S}, DType::f32);
+    experts_forward(in, y, h);
+    ExpertGrads grads = poisoned_grads(in, GradLayout::dense);
+    experts_backward_rows(in, h, dy, grads);
+    h_of[run] = first_slots(h);
+    dgates_of[run] = first_slots(grads.dgates);
+    y_of[run] = bytes_of(y);
+    dx_of[run] = bytes_of(grads.dx);
+  }
+  EXPECT_EQ(0, std::memcmp(h_of[0].data(), h_of[1].data(), h_of[0].size() * sizeof(float)));
+  EXPECT_EQ(0, std::memcmp(dgates_of[0].data(), dgates_of[1].data(),
+                           dgates_of[0].size() * sizeof(float)));
+  EXPECT_TRUE(y_of[0] == y_of[1]);
+  EXPECT_TRUE(dx_of[0] == dx_of[1]);
+}
+
 // The forward and the backward's rows phase over token ranges, as separate calls in any
 // order (expert parallelism computes its own tokens first), then the tables phase, give
 // the bytes of one call over every token.
