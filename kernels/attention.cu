@@ -42,7 +42,8 @@ struct RowsToHeads {
   int64_t parts, part;
   Rotation rotation;
   FLASHMOE_HD void operator()(int64_t r, int64_t c) const {
-    const int64_t i = r % s.seq_len, n = r / s.seq_len, b = n / s.heads, h = n % s.heads;
+    const auto [n, i] = divide(r, s.seq_len);
+    const auto [b, h] = divide(n, s.heads);
     const T* vec =
         rows + (b * s.seq_len + i) * parts * s.width() + part * s.width() + h * s.head_dim;
     store_float(heads, r * s.head_dim + c, rotation.apply(vec, c, s.head_dim, i));
@@ -58,7 +59,8 @@ struct HeadsToRows {
   int64_t parts, part;
   Rotation rotation;
   FLASHMOE_HD void operator()(int64_t r, int64_t c) const {
-    const int64_t t = r / s.heads, h = r % s.heads, b = t / s.seq_len, i = t % s.seq_len;
+    const auto [t, h] = divide(r, s.heads);
+    const auto [b, i] = divide(t, s.seq_len);
     const T* vec = heads + ((b * s.heads + h) * s.seq_len + i) * s.head_dim;
     store_float(rows, t * parts * s.width() + part * s.width() + h * s.head_dim + c,
                 rotation.apply(vec, c, s.head_dim, i));
