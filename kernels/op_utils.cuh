@@ -10,17 +10,16 @@
 //   for_each_element(device, rows, width, op, name): op(r, c) for every r < rows and
 //       c < width; on the CPU as nested loops, so that whatever op derives from r alone
 //       is hoisted out of the inner loop.
-//   divide(a, b): a / b and a % b, in 32 bits when both fit (the GPU's index math).
 //   with_storage_type(dtype, f): f.template operator()<T>() with T = float or bf16.
 //   check_ids_in_range(ids, limit, name): on the CPU, every int32 id in [0, limit) or a
 //       one-line error naming the first one that is not (GPU ops handle bad ids
 //       without a host sync instead, see each op).
 #pragma once
 
-#include <climits>
 #include <cstdint>
 #include <initializer_list>
 
+#include "core/divide.h"
 #include "core/error.h"
 #include "core/tensor.h"
 #include "kernels/elementwise.cuh"
@@ -93,20 +92,6 @@ template <class Op>
 void for_each_pack(Device device, int64_t n, Op op, const char* name,
                    std::initializer_list<const void*> pointers) {
   for_each_pack(device, n, n, op, name, pointers);
-}
-
-// a / b and a % b for a >= 0 and b > 0, in 32 bits when both fit: a 64-bit division
-// costs several times the instructions of a 32-bit one on the GPU, and index math of a
-// few divisions an element is what bounds the element-wise layouts.
-struct QuotientRemainder {
-  int64_t quotient, remainder;
-};
-FLASHMOE_HD QuotientRemainder divide(int64_t a, int64_t b) {
-  if (static_cast<uint64_t>(a) <= UINT32_MAX && static_cast<uint64_t>(b) <= UINT32_MAX) {
-    const uint32_t q = static_cast<uint32_t>(a) / static_cast<uint32_t>(b);
-    return {q, static_cast<uint32_t>(a) - q * static_cast<uint32_t>(b)};
-  }
-  return {a / b, a % b};
 }
 
 template <class Op>

@@ -2,6 +2,7 @@
 
 #include <set>
 
+#include "core/divide.h"
 #include "core/philox.h"
 #include "core/tensor.h"
 #include "tests/test_util.h"
@@ -54,6 +55,21 @@ TEST(Bf16, RoundsToNearestEven) {
   EXPECT_EQ(to_float(to_bf16(1.0f + 3 * 0x1p-8f)), 1.0f + 0x1p-6f);  // tie -> even (up)
   EXPECT_TRUE(std::isnan(to_float(to_bf16(NAN))));
   EXPECT_EQ(to_float(to_bf16(-2.5f)), -2.5f);
+}
+
+// Both paths of divide() (32-bit where a and b fit, else 64-bit) against / and %, at
+// the edges of the 32-bit range.
+TEST(Divide, MatchesIntegerDivision) {
+  const int64_t edge = int64_t{UINT32_MAX};
+  const int64_t dividends[] = {0, 1, 63, 64, 65, edge - 1, edge, edge + 1, edge * 3 + 7, INT64_MAX};
+  const int64_t divisors[] = {1, 3, 64, 1000003, edge - 1, edge, edge + 1, INT64_MAX};
+  for (int64_t a : dividends) {
+    for (int64_t b : divisors) {
+      const QuotientRemainder qr = divide(a, b);
+      EXPECT_EQ(qr.quotient, a / b) << a << " / " << b;
+      EXPECT_EQ(qr.remainder, a % b) << a << " % " << b;
+    }
+  }
 }
 
 TEST(Tensor, ViewsShareStorage) {
