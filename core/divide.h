@@ -4,7 +4,6 @@
 // few divisions an element are bound by them.
 #pragma once
 
-#include <climits>
 #include <cstdint>
 
 #include "core/bf16.h"  // FLASHMOE_HD
