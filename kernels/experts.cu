@@ -190,16 +190,10 @@ void launch_slot_dots(const T* token_rows, const T* table, const int32_t* ids, c
                       Epilogue epilogue, RowSum<T> sum = {}) {
   if (s.pairs == 0) return;
   if (s.slots <= kWarp) {
-    const unsigned blocks = blocks_for(s.tokens, kDotWarps);
-    if (sum.table != nullptr) {
-      slot_dot_narrow_kernel<T, kVec, Epilogue, true>
-          <<<blocks, kDotWarps * kWarp, 0, current_stream()>>>(token_rows, table, ids, s.tokens,
-                                                               s.slots, s.dim, epilogue, sum);
-    } else {
-      slot_dot_narrow_kernel<T, kVec, Epilogue, false>
-          <<<blocks, kDotWarps * kWarp, 0, current_stream()>>>(token_rows, table, ids, s.tokens,
-                                                               s.slots, s.dim, epilogue, sum);
-    }
+    const auto kernel = sum.table != nullptr ? slot_dot_narrow_kernel<T, kVec, Epilogue, true>
+                                             : slot_dot_narrow_kernel<T, kVec, Epilogue, false>;
+    kernel<<<blocks_for(s.tokens, kDotWarps), kDotWarps * kWarp, 0, current_stream()>>>(
+        token_rows, table, ids, s.tokens, s.slots, s.dim, epilogue, sum);
     CUDA_CHECK_LAUNCH("slot_dot_narrow_kernel");
     return;
   }
@@ -234,31 +228,40 @@ void launch_slot_sums(const T* table, const int32_t* ids, const float* coef, con
   CUDA_CHECK_LAUNCH("slot_sum_kernel");
 }
 
+// Both passes: the dots (with the epilogue) from dot_table, then out = the row sums of
+// sum_table with the coefficients the epilogue returns, in the dot kernel when fused,
+// else from `coef`, where the epilogue has written them.
+template <class T, int kVec, class Epilogue>
+void launch_slot_passes(const T* token_rows, const T* dot_table, const T* sum_table,
+                        const int32_t* ids, const float* coef, const Sizes& s, bool fused,
+                        Epilogue epilogue, T* out) {
+  if (fused) {
+    launch_slot_dots<T, kVec>(token_rows, dot_table, ids, s, epilogue, RowSum<T>{sum_table, out});
+    return;
+  }
+  launch_slot_dots<T, kVec>(token_rows, dot_table, ids, s, epilogue);
+  launch_slot_sums<T, kVec>(sum_table, ids, coef, s, out);
+}
+
 }  // namespace
 
 void experts_forward_cuda(const ExpertInputs& in, Tensor& y, Tensor& h) {
   const Sizes s = sizes_of(in);
+  const bool fused = fuse_row_sums(s, in.x.dtype());
   ScratchPlan plan;
   const size_t first_bad_at = plan.add<unsigned long long>(1);
-  const size_t coef_at = plan.add<float>(s.pairs);
+  const size_t coef_at = plan.add<float>(fused ? 0 : s.pairs);
   uint8_t* scratch = scratch_buffer(plan.bytes());
   if (in.validate_ids) check_ids_on_device(in, s, carve<unsigned long long>(scratch, first_bad_at));
 
-  float* coef = carve<float>(scratch, coef_at);
+  float* coef = fused ? nullptr : carve<float>(scratch, coef_at);
   const bool vectorized =
       rows_aligned_16(s.dim, dtype_size(in.x.dtype()), {&in.x, &in.down_embed, &in.up_embed, &y});
-  const bool fused = fuse_row_sums(s, in.x.dtype());
   dispatch(in.x.dtype(), vectorized, [&]<class T, int kVec>() {
-    const int32_t* ids = in.ids.data<int32_t>();
-    const ForwardDotEpilogue epilogue{in.gates.data<float>(), h.data<float>(),
-                                      fused ? nullptr : coef, in.act};
-    if (fused) {
-      launch_slot_dots<T, kVec>(in.x.data<T>(), in.down_embed.data<T>(), ids, s, epilogue,
-                                RowSum<T>{in.up_embed.data<T>(), y.data<T>()});
-    } else {
-      launch_slot_dots<T, kVec>(in.x.data<T>(), in.down_embed.data<T>(), ids, s, epilogue);
-      launch_slot_sums<T, kVec>(in.up_embed.data<T>(), ids, coef, s, y.data<T>());
-    }
+    launch_slot_passes<T, kVec>(
+        in.x.data<T>(), in.down_embed.data<T>(), in.up_embed.data<T>(), in.ids.data<int32_t>(),
+        coef, s, fused, ForwardDotEpilogue{in.gates.data<float>(), h.data<float>(), coef, in.act},
+        y.data<T>());
   });
 }
 
@@ -273,18 +276,12 @@ void experts_backward_rows_cuda(const ExpertInputs& in, const Tensor& h, const T
                                           {&in.x, &in.down_embed, &in.up_embed, &dy, &grads.dx});
   const bool fused = fuse_row_sums(s, in.x.dtype());
   dispatch(in.x.dtype(), vectorized, [&]<class T, int kVec>() {
-    const int32_t* ids = in.ids.data<int32_t>();
-    const BackwardDotEpilogue epilogue{in.gates.data<float>(),     h.data<float>(),
-                                       grads.dgates.data<float>(), grads.slot_dh.data<float>(),
-                                       grads.slot_a.data<float>(), in.act};
-    if (fused) {
-      launch_slot_dots<T, kVec>(dy.data<T>(), in.up_embed.data<T>(), ids, s, epilogue,
-                                RowSum<T>{in.down_embed.data<T>(), grads.dx.data<T>()});
-    } else {
-      launch_slot_dots<T, kVec>(dy.data<T>(), in.up_embed.data<T>(), ids, s, epilogue);
-      launch_slot_sums<T, kVec>(in.down_embed.data<T>(), ids, grads.slot_dh.data<float>(), s,
-                                grads.dx.data<T>());
-    }
+    launch_slot_passes<T, kVec>(
+        dy.data<T>(), in.up_embed.data<T>(), in.down_embed.data<T>(), in.ids.data<int32_t>(),
+        grads.slot_dh.data<float>(), s, fused,
+        BackwardDotEpilogue{in.gates.data<float>(), h.data<float>(), grads.dgates.data<float>(),
+                            grads.slot_dh.data<float>(), grads.slot_a.data<float>(), in.act},
+        grads.dx.data<T>());
   });
 }
 

@@ -258,6 +258,29 @@ TEST(ExpertsGpu, BitwiseRepeatable) {
     }
 }
 
+// y, h and the rows phase's outputs of `in` (each poisoned first), for dy.
+struct RowsPhaseOutputs {
+  Tensor y, h;
+  ExpertGrads grads;
+  // The bytes of y, h, dx, dgates, slot_dh and slot_a.
+  std::vector<std::vector<uint8_t>> bytes() const {
+    std::vector<std::vector<uint8_t>> all;
+    for (const Tensor* t : {&y, &h, &grads.dx, &grads.dgates, &grads.slot_dh, &grads.slot_a}) {
+      all.push_back(bytes_of(*t));
+    }
+    return all;
+  }
+};
+
+RowsPhaseOutputs forward_and_rows_phase(const ExpertInputs& in, const Tensor& dy) {
+  const int64_t T = in.x.size(0), D = in.x.size(1), S = in.ids.size(1);
+  RowsPhaseOutputs out{poisoned({T, D}, in.x.dtype()), poisoned({T, S}, DType::f32),
+                       poisoned_grads(in, GradLayout::row_sparse)};
+  experts_forward(in, out.y, out.h);
+  experts_backward_rows(in, out.h, dy, out.grads);
+  return out;
+}
+
 // Rows of at most 32 slots get their row sums (y, dx) in the dot kernel when both
 // tables fit in half the L2, else from separate passes: the same bytes either way. The
 // small tables here are the first rows of large ones, and the ids stay in them.
@@ -274,19 +297,10 @@ TEST(ExpertsGpu, FusedRowSumsMatchSeparatePasses) {
     small.down_embed = large.down_embed.rows(0, small_E);
     small.up_embed = large.up_embed.rows(0, small_E);
     const Tensor dy = random_tensor({T, D}, dtype, 93, -1.0f, 1.0f);
-    std::vector<std::vector<uint8_t>> outputs[2];
-    for (int run = 0; run < 2; ++run) {
-      const ExpertInputs& in = run == 0 ? small : large;
-      Tensor y = poisoned({T, D}, dtype), h = poisoned({T, S}, DType::f32);
-      experts_forward(in, y, h);
-      ExpertGrads grads = poisoned_grads(in, GradLayout::row_sparse);
-      experts_backward_rows(in, h, dy, grads);
-      for (const Tensor* t : {&y, &h, &grads.dx, &grads.dgates, &grads.slot_dh, &grads.slot_a}) {
-        outputs[run].push_back(bytes_of(*t));
-      }
-    }
-    for (size_t i = 0; i < outputs[0].size(); ++i) {
-      EXPECT_TRUE(outputs[0][i] == outputs[1][i]) << "output " << i << " differs";
+    const auto fused = forward_and_rows_phase(small, dy).bytes();
+    const auto separate = forward_and_rows_phase(large, dy).bytes();
+    for (size_t i = 0; i < fused.size(); ++i) {
+      EXPECT_TRUE(fused[i] == separate[i]) << "output " << i << " differs";
     }
   }
 }
@@ -324,16 +338,11 @@ TEST(ExpertsGpu, NarrowAndWideKernelsAgree) {
   std::vector<float> h_of[2], dgates_of[2];
   std::vector<uint8_t> y_of[2], dx_of[2];
   for (int run = 0; run < 2; ++run) {
-    const ExpertInputs& in = run == 0 ? narrow : wide;
-    const int64_t S = in.ids.size(1);
-    Tensor y = poisoned({T, D}, DType::bf16), h = poisoned({T, S}, DType::f32);
-    experts_forward(in, y, h);
-    ExpertGrads grads = poisoned_grads(in, GradLayout::dense);
-    experts_backward_rows(in, h, dy, grads);
-    h_of[run] = first_slots(h);
-    dgates_of[run] = first_slots(grads.dgates);
-    y_of[run] = bytes_of(y);
-    dx_of[run] = bytes_of(grads.dx);
+    const RowsPhaseOutputs out = forward_and_rows_phase(run == 0 ? narrow : wide, dy);
+    h_of[run] = first_slots(out.h);
+    dgates_of[run] = first_slots(out.grads.dgates);
+    y_of[run] = bytes_of(out.y);
+    dx_of[run] = bytes_of(out.grads.dx);
   }
   EXPECT_EQ(0, std::memcmp(h_of[0].data(), h_of[1].data(), h_of[0].size() * sizeof(float)));
   EXPECT_EQ(0, std::memcmp(dgates_of[0].data(), dgates_of[1].data(),
