@@ -1,6 +1,6 @@
 // A kernel timeline of any CUDA program, for finding where a step's time goes when
 // Nsight Systems is not at hand: loaded with LD_PRELOAD, it records every kernel and
-// memcpy through CUPTI's activity API and writes one CSV per process,
+// memcpy (peer copies too) through CUPTI's activity API and writes one CSV per process,
 // $TRACE_OUT.<rank>.csv (rank from OMPI_COMM_WORLD_RANK), rows
 // start_ns,end_ns,stream,K|M,name. scripts/trace/step.py prints one training step.
 // Build: g++ -O2 -shared -fPIC -I$CUDA/include cupti_trace.cpp -o libtrace.so
@@ -49,6 +49,12 @@ void CUPTIAPI buffer_completed(CUcontext, uint32_t, uint8_t* buffer, size_t, siz
                    static_cast<unsigned long long>(m->start),
                    static_cast<unsigned long long>(m->end), m->streamId, int(m->copyKind),
                    static_cast<unsigned long long>(m->bytes));
+    } else if (record->kind == CUPTI_ACTIVITY_KIND_MEMCPY2) {  // into another GPU's memory
+      const auto* m = reinterpret_cast<const CUpti_ActivityMemcpyPtoP4*>(record);
+      std::fprintf(g_out, "%llu,%llu,%u,M,memcpy to device %u %llu bytes\n",
+                   static_cast<unsigned long long>(m->start),
+                   static_cast<unsigned long long>(m->end), m->streamId, m->dstDeviceId,
+                   static_cast<unsigned long long>(m->bytes));
     }
   }
   std::free(buffer);
@@ -68,6 +74,7 @@ __attribute__((constructor)) void start_trace() {
         "cuptiActivityRegisterCallbacks");
   check(cuptiActivityEnable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL), "enabling kernel records");
   check(cuptiActivityEnable(CUPTI_ACTIVITY_KIND_MEMCPY), "enabling memcpy records");
+  check(cuptiActivityEnable(CUPTI_ACTIVITY_KIND_MEMCPY2), "enabling peer memcpy records");
 }
 
 __attribute__((destructor)) void finish_trace() {
