@@ -16,6 +16,12 @@ namespace {
 // a batch touches at most T*H*K rows of a table of millions.
 constexpr int64_t kDenseExpertGradLimit = int64_t(1) << 26;
 
+// Multiprocessors the shared branch's GEMMs leave free (fork_shared_branch() says why).
+// 16 of an H100's 132 (smoke training, docs/benchmarks.md): one GPU +1.4% tok/s on
+// average over six interleaved pairs of runs, two GPUs +0.6%, four within the noise;
+// 32 was slower on two GPUs.
+constexpr int kSharedBranchSmMargin = 16;
+
 // The current device's stream for every layer's table gradients: they run one after
 // another anyway, and the experts' scratch buffer is per stream, so one stream keeps
 // one buffer, sized by the largest layer, instead of one a layer.
@@ -144,6 +150,10 @@ void FlashMoELayer::backward_norm(const Tensor& dxn) {
 // router, which every rank waits for. Under collectives it forks after the experts: the
 // GEMMs then run beside the combine, whose transfer leaves most SMs idle, rather than
 // beside NCCL's kernels and the expert kernels, which all need SMs.
+// Its GEMMs leave kSharedBranchSmMargin multiprocessors to the routed branch: cuBLASLt
+// picks persistent kernels for them, which otherwise hold every SM for their 20-40 µs,
+// and the routed branch's next kernel (a norm's column sums, a rank's routing, the sum
+// of the partials) waits for their end whatever the streams' priorities.
 void FlashMoELayer::fork_shared_branch() {
   if (side_ && config_.shared_intermediate > 0) side_->fork();
 }
@@ -156,6 +166,7 @@ void FlashMoELayer::run_shared_branch(Branch branch) {
     return;
   }
   StreamScope on_side(side_->stream());
+  GemmSmMargin leave(kSharedBranchSmMargin);
   branch();
 }
 

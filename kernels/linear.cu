@@ -3,6 +3,7 @@
 // cached, so a given shape always runs the same algorithm (bitwise repeatable).
 #include <cublasLt.h>
 
+#include <algorithm>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -33,7 +34,19 @@ struct Plan {
 using ShapeKey =
     std::tuple<bool, bool, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int, int, bool>;
 using BatchKey = std::tuple<int64_t, int64_t, int64_t, int64_t>;
-using PlanKey = std::pair<ShapeKey, BatchKey>;
+// The shape, the batch and the multiprocessors a product may use (0: all).
+using PlanKey = std::tuple<ShapeKey, BatchKey, int>;
+
+thread_local int t_sm_margin = 0;
+
+// The SM count target for the current margin: 0 (the whole device) without one.
+int sm_count_target() {
+  if (t_sm_margin == 0) return 0;
+  int device = 0, sms = 0;
+  CUDA_CHECK(cudaGetDevice(&device));
+  CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return std::max(1, sms - t_sm_margin);
+}
 
 // A batch of one keeps cuBLASLt's default (unbatched) layouts.
 void set_batch(cublasLtMatrixLayout_t layout, int64_t count, int64_t stride) {
@@ -49,13 +62,14 @@ class GemmContext {
  public:
   GemmContext() { CUBLAS_CHECK(cublasLtCreate(&handle_)); }
 
-  const Plan& plan(const GemmArgs& g, const GemmBatch& batch) {
+  const Plan& plan(const GemmArgs& g, const GemmBatch& batch, int sm_target) {
     const PlanKey key{{g.trans_a, g.trans_b, g.m, g.n, g.k, g.lda, g.ldb, g.ldc, int(g.in),
                        int(g.out), g.beta != 0.0f},
-                      {batch.count, batch.stride_a, batch.stride_b, batch.stride_c}};
+                      {batch.count, batch.stride_a, batch.stride_b, batch.stride_c},
+                      sm_target};
     std::lock_guard<std::mutex> lock(mutex_);
     auto it = plans_.find(key);
-    if (it == plans_.end()) it = plans_.emplace(key, make_plan(g, batch)).first;
+    if (it == plans_.end()) it = plans_.emplace(key, make_plan(g, batch, sm_target)).first;
     return it->second;
   }
 
@@ -70,9 +84,13 @@ class GemmContext {
   }
 
  private:
-  Plan make_plan(const GemmArgs& g, const GemmBatch& batch) {
+  Plan make_plan(const GemmArgs& g, const GemmBatch& batch, int sm_target) {
     Plan p;
     CUBLAS_CHECK(cublasLtMatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    if (sm_target > 0) {
+      CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET,
+                                                  &sm_target, sizeof sm_target));
+    }
     const cublasOperation_t ta = g.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
     const cublasOperation_t tb = g.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
     CUBLAS_CHECK(
@@ -133,7 +151,7 @@ void gemm_cuda_batched(const GemmArgs& g, const GemmBatch& batch) {
     }
     return;
   }
-  const Plan& p = ctx.plan(g, batch);
+  const Plan& p = ctx.plan(g, batch, sm_count_target());
   const float alpha = 1.0f;
   cudaStream_t stream = current_stream();
   CUBLAS_CHECK(cublasLtMatmul(ctx.handle(), p.desc, &alpha, g.a, p.a, g.b, p.b, &g.beta, g.c, p.c,
@@ -141,3 +159,14 @@ void gemm_cuda_batched(const GemmArgs& g, const GemmBatch& batch) {
 }
 
 }  // namespace flashmoe::detail
+
+namespace flashmoe {
+
+GemmSmMargin::GemmSmMargin(int sms) : previous_(detail::t_sm_margin) {
+  FLASHMOE_CHECK(sms >= 0, "GEMM SM margin of " << sms << " multiprocessors, expected >= 0");
+  detail::t_sm_margin = sms;
+}
+
+GemmSmMargin::~GemmSmMargin() { detail::t_sm_margin = previous_; }
+
+}  // namespace flashmoe

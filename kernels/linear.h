@@ -19,6 +19,21 @@ void linear_forward(const Tensor& x, const Tensor& w, Tensor& y, DType out_dtype
 void linear_backward_input(const Tensor& dy, const Tensor& w, Tensor& dx);
 void linear_backward_weight(const Tensor& dy, const Tensor& x, Tensor& dw, bool accumulate);
 
+// While a scope lives, the GPU products this thread queues leave `sms` multiprocessors
+// free (cuBLASLt's SM count target): for products on a side stream beside latency-bound
+// work. cuBLASLt's persistent kernels otherwise hold every multiprocessor until they
+// end, and stream priorities cannot give any of them to the other stream's kernels.
+class GemmSmMargin {
+ public:
+  explicit GemmSmMargin(int sms);
+  ~GemmSmMargin();
+  GemmSmMargin(const GemmSmMargin&) = delete;
+  GemmSmMargin& operator=(const GemmSmMargin&) = delete;
+
+ private:
+  int previous_;
+};
+
 namespace detail {
 // C = alpha * op(A) · op(B) + beta * C in cuBLAS's column-major convention;
 // A, B of dtype `in`, C of dtype `out` (fp32 accumulation).
