@@ -5,8 +5,13 @@ update kernels (the optimizer ends a step). With --idle, instead: the main strea
 (the busiest stream's) busy and idle time in that step, the idle time by the kernel
 that ended each wait (a wait for another rank, for SMs held by a side stream, or for
 the launch), the time no kernel runs on any stream (the SMs idle: copies only, or
-waits), by the kernel that ended it, and the busiest kernels.
-Usage: step.py TRACE.csv [STEP [--idle]]   (no STEP: the step durations only)"""
+waits), by the kernel that ended it, and the busiest kernels. With --ranks, instead:
+the step's events of this trace and of every other rank's given (cupti_trace.cpp's CSVs
+of one job share one clock), times from this rank's step start, each rank's names
+indented by its position after this one: when a rank waits, the copy or kernel of the
+other rank that it waits for.
+Usage: step.py TRACE.csv [STEP [--idle | --ranks OTHER.csv...]]
+       (no STEP: the step durations only)"""
 import collections
 import re
 import sys
@@ -59,13 +64,29 @@ def print_idle(events):
         print(f"  busy {ns / 1e3:8.1f} us  {name}")
 
 
-def main():
+def read(path):
+    """A trace's events (start, end, stream, short name), sorted by start."""
     events = []
-    with open(sys.argv[1]) as f:
+    with open(path) as f:
         for line in f:
             start, end, stream, _, name = line.rstrip("\n").split(",", 4)
             events.append((int(start), int(end), int(stream), short(name)))
-    events.sort()
+    return sorted(events)
+
+
+def print_ranks(step, paths):
+    """Every event of the traces at `paths` in the window of `step` (this rank's)."""
+    t0, t1 = step[0][0], max(e[1] for e in step)
+    rows = [(e, 0) for e in step]
+    for rank, path in enumerate(paths, 1):
+        rows += [(e, rank) for e in read(path) if t0 <= e[0] <= t1]
+    for (start, end, stream, name), rank in sorted(rows):
+        print(f"{(start - t0) / 1e3:9.1f} {(end - start) / 1e3:7.1f}  {rank} s{stream:<3} "
+              f"{'  ' * 12 * rank}{name}")
+
+
+def main():
+    events = read(sys.argv[1])
     updates = [i for i, e in enumerate(events) if "adamw_update" in e[3]]
     starts = [a + 1 for a, b in zip(updates, updates[1:] + [len(events)]) if b - a > 50]
     durations = [(events[b][0] - events[a][0]) / 1e3 for a, b in zip(starts, starts[1:])]
@@ -76,6 +97,9 @@ def main():
     step = events[starts[k]:starts[k + 1]]
     if "--idle" in sys.argv[3:]:
         print_idle(step)
+        return
+    if "--ranks" in sys.argv[3:]:
+        print_ranks(step, sys.argv[sys.argv.index("--ranks") + 1:])
         return
     print("steps", len(durations), "us:", [round(d) for d in durations])
     t0 = step[0][0]
