@@ -133,7 +133,6 @@ void backward_cpu(const float* logits, const double* fractions, int64_t rows, in
 // A warp per (t, h, c) row; lanes stride over the N keys. Two passes over the row (the
 // max; the sums of e = exp(q - max) and of f e, so d = sum f e / sum e), which the L1
 // keeps, then the gradient.
-
 __global__ void balance_backward_kernel(const float* logits, const double* fractions, int64_t rows,
                                         int64_t heads2, int64_t N, float scale, float* dlogits,
                                         float* row_terms) {
