@@ -34,19 +34,10 @@ struct Plan {
 using ShapeKey =
     std::tuple<bool, bool, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int, int, bool>;
 using BatchKey = std::tuple<int64_t, int64_t, int64_t, int64_t>;
-// The shape, the batch and the multiprocessors a product may use (0: all).
+// The shape, the batch and the multiprocessors a product leaves free (GemmSmMargin).
 using PlanKey = std::tuple<ShapeKey, BatchKey, int>;
 
 thread_local int t_sm_margin = 0;
-
-// The SM count target for the current margin: 0 (the whole device) without one.
-int sm_count_target() {
-  if (t_sm_margin == 0) return 0;
-  int device = 0, sms = 0;
-  CUDA_CHECK(cudaGetDevice(&device));
-  CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return std::max(1, sms - t_sm_margin);
-}
 
 // A batch of one keeps cuBLASLt's default (unbatched) layouts.
 void set_batch(cublasLtMatrixLayout_t layout, int64_t count, int64_t stride) {
@@ -62,14 +53,14 @@ class GemmContext {
  public:
   GemmContext() { CUBLAS_CHECK(cublasLtCreate(&handle_)); }
 
-  const Plan& plan(const GemmArgs& g, const GemmBatch& batch, int sm_target) {
+  const Plan& plan(const GemmArgs& g, const GemmBatch& batch, int sm_margin) {
     const PlanKey key{{g.trans_a, g.trans_b, g.m, g.n, g.k, g.lda, g.ldb, g.ldc, int(g.in),
                        int(g.out), g.beta != 0.0f},
                       {batch.count, batch.stride_a, batch.stride_b, batch.stride_c},
-                      sm_target};
+                      sm_margin};
     std::lock_guard<std::mutex> lock(mutex_);
     auto it = plans_.find(key);
-    if (it == plans_.end()) it = plans_.emplace(key, make_plan(g, batch, sm_target)).first;
+    if (it == plans_.end()) it = plans_.emplace(key, make_plan(g, batch, sm_margin)).first;
     return it->second;
   }
 
@@ -84,10 +75,14 @@ class GemmContext {
   }
 
  private:
-  Plan make_plan(const GemmArgs& g, const GemmBatch& batch, int sm_target) {
+  Plan make_plan(const GemmArgs& g, const GemmBatch& batch, int sm_margin) {
     Plan p;
     CUBLAS_CHECK(cublasLtMatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
-    if (sm_target > 0) {
+    if (sm_margin > 0) {
+      int device = 0, sms = 0;
+      CUDA_CHECK(cudaGetDevice(&device));
+      CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+      const int sm_target = std::max(1, sms - sm_margin);
       CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET,
                                                   &sm_target, sizeof sm_target));
     }
@@ -151,7 +146,7 @@ void gemm_cuda_batched(const GemmArgs& g, const GemmBatch& batch) {
     }
     return;
   }
-  const Plan& p = ctx.plan(g, batch, sm_count_target());
+  const Plan& p = ctx.plan(g, batch, t_sm_margin);
   const float alpha = 1.0f;
   cudaStream_t stream = current_stream();
   CUBLAS_CHECK(cublasLtMatmul(ctx.handle(), p.desc, &alpha, g.a, p.a, g.b, p.b, &g.beta, g.c, p.c,
