@@ -243,6 +243,19 @@ struct RowSum {
 
 constexpr int kSumRowsPerWarp = 4;
 
+// The next kRows slots of the ballot `left`, ascending, taken out of it: slot[r] and
+// has[r] true, or 0 and false past its last slot.
+template <int kRows>
+__device__ __forceinline__ void take_filled_slots(unsigned& left, bool (&has)[kRows],
+                                                  int (&slot)[kRows]) {
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    has[r] = left != 0;
+    slot[r] = has[r] ? __ffs(left) - 1 : 0;
+    left &= left - 1;
+  }
+}
+
 // out_row = sum over the slots in `filled` (a ballot; lane s holds slot s's id and
 // coefficient), ascending, of coef * table[id]: the fmaf chain of accumulate_rows, so
 // the bits of slot_sum_kernel. Lanes stride over the row's chunks.
@@ -256,15 +269,14 @@ __device__ __forceinline__ void warp_row_sum(const T* table, int32_t my_id, floa
     float acc[kVec] = {};
     for (unsigned left = filled; left != 0;) {
       bool has[kSumRowsPerWarp];
+      int slot[kSumRowsPerWarp];
+      take_filled_slots(left, has, slot);
       float coef[kSumRowsPerWarp];
       float row[kSumRowsPerWarp][kVec];
 #pragma unroll
       for (int r = 0; r < kSumRowsPerWarp; ++r) {
-        has[r] = left != 0;
-        const int slot = has[r] ? __ffs(left) - 1 : 0;
-        left &= left - 1;
-        const int32_t id = __shfl_sync(0xffffffffu, my_id, slot);
-        coef[r] = __shfl_sync(0xffffffffu, my_coef, slot);
+        const int32_t id = __shfl_sync(0xffffffffu, my_id, slot[r]);
+        coef[r] = __shfl_sync(0xffffffffu, my_coef, slot[r]);
         if (has[r] && active) {
           load_floats<T, kVec, Cache::l2_only>(table + int64_t(id) * dim + at, row[r]);
         } else {
@@ -306,14 +318,12 @@ __global__ void __launch_bounds__(kDotWarps* kWarp)
   const unsigned filled_slots = __ballot_sync(0xffffffffu, my_id >= 0);
   float my_dot = 0.0f;
   for (unsigned left = filled_slots; left != 0;) {
-    int slot[kDotRowsPerWarp];
-    const T* rows[kDotRowsPerWarp];
     bool filled[kDotRowsPerWarp];
+    int slot[kDotRowsPerWarp];
+    take_filled_slots(left, filled, slot);
+    const T* rows[kDotRowsPerWarp];
 #pragma unroll
     for (int r = 0; r < kDotRowsPerWarp; ++r) {
-      filled[r] = left != 0;
-      slot[r] = filled[r] ? __ffs(left) - 1 : 0;
-      left &= left - 1;
       const int32_t id = __shfl_sync(0xffffffffu, my_id, slot[r]);
       rows[r] = table + int64_t(filled[r] ? id : 0) * dim;
     }
