@@ -3,19 +3,31 @@
 #include <limits>
 #include <set>
 
-#include "kernels/column_sum.cuh"
 #include "kernels/elementwise.cuh"
 #include "kernels/elementwise.h"
+#include "kernels/warp.cuh"
 #include "optim/adamw.h"
 
 namespace flashmoe {
 
 namespace {
 
-// Width of the fixed layout in which a gradient's squares are summed: flat element e sits
-// at row e / kNormColumns, column e % kNormColumns.
-constexpr int64_t kNormColumns = 256;
+// The fixed layout in which a gradient's squares are summed: its flat elements cut into
+// `count` chunks of `length` elements (the last one shorter), between 1 and
+// kMaxNormChunks of them and at least kMinNormChunk long where there are enough elements.
+constexpr int kMaxNormChunks = 256;
+constexpr int64_t kMinNormChunk = 4096;
 constexpr double kClipEpsilon = 1e-6;
+
+struct NormChunks {
+  int64_t count, length;
+};
+
+FLASHMOE_HD NormChunks norm_chunks(int64_t numel) {
+  int64_t count = (numel + kMinNormChunk - 1) / kMinNormChunk;
+  count = count < 1 ? 1 : (count > kMaxNormChunks ? kMaxNormChunks : count);
+  return {count, (numel + count - 1) / count};
+}
 
 // Slots of the per-step scalar buffer (AdamW::scalars_).
 enum ScalarSlot : int {
@@ -32,26 +44,15 @@ enum ScalarSlot : int {
 
 FLASHMOE_HD bool valid_row(int32_t row, int64_t table_rows) { return row >= 0 && row < table_rows; }
 
-// G² of flat gradient element e = m * kNormColumns + d; 0 past the end and in row-sparse
-// slots that update nothing.
+// G² of flat gradient element e; 0 in row-sparse slots that update nothing.
 struct GradSquare {
   const float* grad;
   const int32_t* rows;  // null: dense
   int64_t numel, row_size, table_rows;
-  FLASHMOE_HD double operator()(int64_t m, int64_t d) const {
-    const int64_t e = m * kNormColumns + d;
-    if (e >= numel) return 0;
+  FLASHMOE_HD double operator()(int64_t e) const {
     if (rows != nullptr && !valid_row(rows[e / row_size], table_rows)) return 0;
     const double g = grad[e];
     return g * g;
-  }
-};
-
-// The column sums of parameter d are rows m < kNormColumns of column d.
-struct ParamColumnSquare {
-  const double* column_squares;  // [P, kNormColumns]
-  FLASHMOE_HD double operator()(int64_t m, int64_t d) const {
-    return column_squares[d * kNormColumns + m];
   }
 };
 
@@ -113,10 +114,9 @@ void run_single_thread(Device device, const F& f, const char* name) {
   CUDA_CHECK_LAUNCH(name);
 }
 
-// The run constants of one parameter's update.
+// The run constants shared by every parameter's update.
 struct UpdateConstants {
-  float beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay;
-  int lr_slot;  // kLr or kExpertLr
+  float beta1, one_minus_beta1, beta2, one_minus_beta2, eps;
 };
 
 // This step's coefficients, read from the scalar buffer once per thread.
@@ -129,9 +129,9 @@ FLASHMOE_HD StepCoefficients load_coefficients(const double* scalars, int lr_slo
           float(scalars[kInvBias2])};
 }
 
-template <class T>
+// One parameter's update: its tensors and its own constants.
 struct ParamTensors {
-  T* value;
+  void* value;  // fp32, or bf16 where bf16_value
   float* master;
   float* m;
   float* v;
@@ -140,11 +140,13 @@ struct ParamTensors {
   int64_t numel;        // of grad
   int64_t row_size;     // D of a row-sparse table
   int64_t table_rows;   // E of a row-sparse table
+  float weight_decay;   // 0 where the parameter has no weight decay
+  int lr_slot;          // kLr or kExpertLr
+  bool bf16_value;
 };
 
 // The AdamW update of the element that gradient element i belongs to.
-template <class T>
-FLASHMOE_HD void update_element(const ParamTensors<T>& p, const UpdateConstants& c,
+FLASHMOE_HD void update_element(const ParamTensors& p, const UpdateConstants& c,
                                 const StepCoefficients& k, int64_t i) {
   int64_t target = i;
   if (p.rows != nullptr) {
@@ -158,19 +160,114 @@ FLASHMOE_HD void update_element(const ParamTensors<T>& p, const UpdateConstants&
   const float m_hat = m * k.inv_bias1;
   const float v_hat = v * k.inv_bias2;
   const float w = p.master[target];
-  const float updated = w - k.lr * (m_hat / (sqrtf(v_hat) + c.eps) + c.weight_decay * w);
+  const float updated = w - k.lr * (m_hat / (sqrtf(v_hat) + c.eps) + p.weight_decay * w);
   p.m[target] = m;
   p.v[target] = v;
   p.master[target] = updated;
-  store_float(p.value, target, updated);
+  if (p.bf16_value) {
+    store_float(static_cast<bf16*>(p.value), target, updated);
+  } else {
+    store_float(static_cast<float*>(p.value), target, updated);
+  }
 }
 
-template <class T>
-__global__ void adamw_update_kernel(ParamTensors<T> p, UpdateConstants c, const double* scalars) {
-  const StepCoefficients k = load_coefficients(scalars, c.lr_slot);
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < p.numel;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    update_element(p, c, k, i);
+// Multi-tensor launches: the per-parameter work of up to kGroupTensors parameters runs as
+// one kernel whose blocks are dealt out to the parameters in order, parameter k taking
+// blocks [first_block[k], first_block[k + 1]). The items travel in the kernel's
+// arguments (5.4 KB for the update's; sm_70 and later take up to 32 KB), so a step
+// launches a few kernels rather than a few per parameter, and a captured step keeps the
+// buffers it was captured with.
+constexpr int kGroupTensors = 64;
+constexpr int kThreads = 256;
+constexpr int64_t kUpdateBlockElements = 4 * kThreads;
+
+template <class Item>
+struct TensorGroup {
+  Item items[kGroupTensors];
+  int first_block[kGroupTensors + 1];
+  int first_param;  // index of items[0] among the optimizer's parameters
+  int count;
+  __device__ int item_of_block() const {
+    int k = 0;
+    while (int(blockIdx.x) >= first_block[k + 1]) ++k;
+    return k;
+  }
+};
+
+// One launch of kernel(group, args...) per group of kGroupTensors items; item k takes
+// blocks[k] blocks of kThreads threads.
+template <class Item, class... KernelArgs, class... Args>
+void launch_groups(void (*kernel)(TensorGroup<Item>, KernelArgs...), const char* name,
+                   const std::vector<Item>& items, const std::vector<int64_t>& blocks,
+                   Args... args) {
+  for (size_t begin = 0; begin < items.size(); begin += kGroupTensors) {
+    TensorGroup<Item> group{};
+    group.first_param = static_cast<int>(begin);
+    group.count = static_cast<int>(std::min<size_t>(kGroupTensors, items.size() - begin));
+    int64_t total = 0;
+    for (int k = 0; k < group.count; ++k) {
+      group.items[k] = items[begin + k];
+      group.first_block[k] = static_cast<int>(total);
+      total += blocks[begin + k];
+      FLASHMOE_CHECK(total <= std::numeric_limits<int>::max(),
+                     name << " needs " << total << " blocks, expected at most 2^31 - 1");
+    }
+    group.first_block[group.count] = static_cast<int>(total);
+    if (total == 0) continue;
+    kernel<<<static_cast<unsigned>(total), kThreads, 0, current_stream()>>>(group, args...);
+    CUDA_CHECK_LAUNCH(name);
+  }
+}
+
+// The sum of v over the block's kThreads threads, in a fixed order, in every thread.
+__device__ double block_sum(double v) {
+  __shared__ double warp_sums[kThreads / 32];
+  v = warp_sum(v);
+  if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = v;
+  __syncthreads();
+  double sum = 0;
+  for (int w = 0; w < kThreads / 32; ++w) sum += warp_sums[w];
+  return sum;
+}
+
+// Block b of a gradient sums its chunk b into chunk_squares[param, b]; the first block also
+// zeroes the slots past the gradient's chunks, so that every parameter's sum reads all
+// kMaxNormChunks slots.
+__global__ void __launch_bounds__(kThreads)
+    chunk_squares_kernel(const __grid_constant__ TensorGroup<GradSquare> group,
+                         double* chunk_squares) {
+  const int k = group.item_of_block();
+  const GradSquare f = group.items[k];
+  const NormChunks chunks = norm_chunks(f.numel);
+  const int64_t chunk = blockIdx.x - group.first_block[k];
+  const int64_t begin = chunk * chunks.length;
+  const int64_t end = std::min(begin + chunks.length, f.numel);
+  double sum = 0;
+  for (int64_t e = begin + threadIdx.x; e < end; e += kThreads) sum += f(e);
+  sum = block_sum(sum);
+  double* slots = chunk_squares + int64_t(group.first_param + k) * kMaxNormChunks;
+  if (threadIdx.x == 0) slots[chunk] = sum;
+  if (chunk == 0 && threadIdx.x >= chunks.count) slots[threadIdx.x] = 0;
+}
+
+// Block i: param_squares[i] = the sum of parameter i's kMaxNormChunks slots.
+static_assert(kMaxNormChunks == kThreads, "one thread per chunk slot");
+__global__ void __launch_bounds__(kThreads)
+    param_squares_kernel(const double* chunk_squares, double* param_squares) {
+  const double sum = block_sum(chunk_squares[int64_t(blockIdx.x) * kMaxNormChunks + threadIdx.x]);
+  if (threadIdx.x == 0) param_squares[blockIdx.x] = sum;
+}
+
+__global__ void __launch_bounds__(kThreads)
+    adamw_update_kernel(const __grid_constant__ TensorGroup<ParamTensors> group, UpdateConstants c,
+                        const double* scalars) {
+  const int k = group.item_of_block();
+  const ParamTensors p = group.items[k];
+  const StepCoefficients coefficients = load_coefficients(scalars, p.lr_slot);
+  const int64_t begin = int64_t(blockIdx.x - group.first_block[k]) * kUpdateBlockElements;
+  const int64_t end = std::min(begin + kUpdateBlockElements, p.numel);
+  for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
+    update_element(p, c, coefficients, i);
   }
 }
 
@@ -209,15 +306,8 @@ AdamW::AdamW(const OptimConfig& config, int64_t total_steps, std::vector<Paramet
   step_ = Tensor::zeros({1}, DType::i64, device_);
   scalars_ = Tensor::zeros({kScalarCount}, DType::f64, device_);
   is_expert_ = Tensor::from_vector(is_expert, {count}, device_);
-  column_squares_ = Tensor::empty({count, kNormColumns}, DType::f64, device_);
+  chunk_squares_ = Tensor::empty({count, kMaxNormChunks}, DType::f64, device_);
   param_squares_ = Tensor::empty({count}, DType::f64, device_);
-  if (device_ == Device::cuda) {
-    // The largest workspace column_sum asks for: its chunk count is capped, its widths are
-    // kNormColumns and the parameter count. Allocated here so that step() never allocates.
-    const int max_chunks = column_sum_chunks(std::numeric_limits<int64_t>::max() / 2);
-    column_workspace_ =
-        Tensor::empty({max_chunks * std::max(kNormColumns, count)}, DType::f64, device_);
-  }
 }
 
 void AdamW::check_gradient(const Parameter& p, const Moments& s) const {
@@ -256,61 +346,70 @@ void AdamW::check_gradient(const Parameter& p, const Moments& s) const {
 }
 
 void AdamW::accumulate_squared_norms() {
-  double* column_squares = column_squares_.data<double>();
-  for (size_t i = 0; i < params_.size(); ++i) {
-    const Parameter& p = *params_[i];
-    const bool sparse = p.rows.defined();
-    const int64_t numel = p.grad.numel();
-    const GradSquare term{p.grad.data<float>(), sparse ? p.rows.data<int32_t>() : nullptr, numel,
-                          sparse ? p.value.size(1) : 1, sparse ? p.value.size(0) : 0};
-    column_sum<double>(device_, term, (numel + kNormColumns - 1) / kNormColumns, kNormColumns,
-                       column_squares + int64_t(i) * kNormColumns, column_workspace_);
+  std::vector<GradSquare> terms;
+  std::vector<int64_t> blocks;
+  for (const Parameter* p : params_) {
+    const bool sparse = p->rows.defined();
+    terms.push_back({p->grad.data<float>(), sparse ? p->rows.data<int32_t>() : nullptr,
+                     p->grad.numel(), sparse ? p->value.size(1) : 1,
+                     sparse ? p->value.size(0) : 0});
+    blocks.push_back(norm_chunks(terms.back().numel).count);
   }
+  double* chunk_squares = chunk_squares_.data<double>();
+  double* param_squares = param_squares_.data<double>();
   const int64_t count = int64_t(params_.size());
-  column_sum<double>(device_, ParamColumnSquare{column_squares}, kNormColumns, count,
-                     param_squares_.data<double>(), column_workspace_);
-  run_single_thread(device_,
-                    SplitSquares{param_squares_.data<double>(), is_expert_.data<int32_t>(), count,
-                                 scalars_.data<double>()},
-                    "split_squares");
+  if (device_ == Device::cpu) {
+    for (int64_t i = 0; i < count; ++i) {
+      const GradSquare& f = terms[i];
+      const NormChunks chunks = norm_chunks(f.numel);
+      double* slots = chunk_squares + i * kMaxNormChunks;
+      param_squares[i] = 0;
+      for (int64_t chunk = 0; chunk < chunks.count; ++chunk) {
+        const int64_t begin = chunk * chunks.length;
+        slots[chunk] = 0;
+        for (int64_t e = begin; e < std::min(begin + chunks.length, f.numel); ++e) {
+          slots[chunk] += f(e);
+        }
+        param_squares[i] += slots[chunk];
+      }
+    }
+  } else {
+    launch_groups(chunk_squares_kernel, "chunk_squares_kernel", terms, blocks, chunk_squares);
+    param_squares_kernel<<<static_cast<unsigned>(count), kThreads, 0, current_stream()>>>(
+        chunk_squares, param_squares);
+    CUDA_CHECK_LAUNCH("param_squares_kernel");
+  }
+  run_single_thread(
+      device_,
+      SplitSquares{param_squares, is_expert_.data<int32_t>(), count, scalars_.data<double>()},
+      "split_squares");
 }
 
-void AdamW::update(size_t index) {
-  const Parameter& p = *params_[index];
-  const Moments& s = moments_[index];
-  const bool sparse = p.rows.defined();
+void AdamW::update_all() {
   const double beta1 = config_.betas[0], beta2 = config_.betas[1];
-  const UpdateConstants c{float(beta1),
-                          float(1.0 - beta1),
-                          float(beta2),
-                          float(1.0 - beta2),
-                          float(config_.eps),
-                          p.weight_decay ? float(config_.weight_decay) : 0.0f,
-                          p.expert_table ? kExpertLr : kLr};
-  auto run = [&](auto* value) {
-    using T = std::remove_pointer_t<decltype(value)>;
-    const ParamTensors<T> tensors{value,
-                                  s.master.data<float>(),
-                                  s.m.data<float>(),
-                                  s.v.data<float>(),
-                                  p.grad.data<float>(),
-                                  sparse ? p.rows.data<int32_t>() : nullptr,
-                                  p.grad.numel(),
-                                  sparse ? p.value.size(1) : 1,
-                                  sparse ? p.value.size(0) : 0};
-    if (device_ == Device::cpu) {
-      const StepCoefficients k = load_coefficients(scalars_.data<double>(), c.lr_slot);
-      for (int64_t i = 0; i < tensors.numel; ++i) update_element(tensors, c, k, i);
-      return;
-    }
-    adamw_update_kernel<<<grid_for(tensors.numel, 256), 256, 0, current_stream()>>>(
-        tensors, c, scalars_.data<double>());
-    CUDA_CHECK_LAUNCH("adamw_update_kernel");
-  };
-  if (p.value.dtype() == DType::f32) {
-    run(p.value.data<float>());
-  } else {
-    run(p.value.data<bf16>());
+  const UpdateConstants c{float(beta1), float(1.0 - beta1), float(beta2), float(1.0 - beta2),
+                          float(config_.eps)};
+  std::vector<ParamTensors> targets;
+  std::vector<int64_t> blocks;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const Parameter& p = *params_[i];
+    const Moments& s = moments_[i];
+    const bool sparse = p.rows.defined();
+    targets.push_back({p.value.raw(), s.master.data<float>(), s.m.data<float>(), s.v.data<float>(),
+                       p.grad.data<float>(), sparse ? p.rows.data<int32_t>() : nullptr,
+                       p.grad.numel(), sparse ? p.value.size(1) : 1, sparse ? p.value.size(0) : 0,
+                       p.weight_decay ? float(config_.weight_decay) : 0.0f,
+                       p.expert_table ? kExpertLr : kLr, p.value.dtype() == DType::bf16});
+    blocks.push_back((p.grad.numel() + kUpdateBlockElements - 1) / kUpdateBlockElements);
+  }
+  if (device_ == Device::cuda) {
+    launch_groups(adamw_update_kernel, "adamw_update_kernel", targets, blocks, c,
+                  static_cast<const double*>(scalars_.data<double>()));
+    return;
+  }
+  for (const ParamTensors& p : targets) {
+    const StepCoefficients k = load_coefficients(scalars_.data<double>(), p.lr_slot);
+    for (int64_t i = 0; i < p.numel; ++i) update_element(p, c, k, i);
   }
 }
 
@@ -326,7 +425,7 @@ void AdamW::step(Communicator& comm, double grad_scale) {
       PrepareStep{schedule_, config_.lr, config_.expert_lr, config_.betas[0], config_.betas[1],
                   config_.clip, grad_scale, step_.data<int64_t>(), scalars_.data<double>()},
       "prepare_step");
-  for (size_t i = 0; i < params_.size(); ++i) update(i);
+  update_all();
 }
 
 double AdamW::grad_norm() const {

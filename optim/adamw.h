@@ -29,14 +29,21 @@
 // (it cannot report without a host synchronisation) and relies on distinctness.
 //
 // Global norm, deterministic and each shard counted once: every gradient (dense, or the
-// valid slots of a row-sparse one) is viewed flat as rows of 256 columns and summed in
-// fp64 with column_sum (fixed chunking), then per parameter, then in parameter order into
-// two totals: expert tables and replicated parameters. Only the expert total is summed
+// valid slots of a row-sparse one) is viewed flat and cut into a fixed number of chunks
+// that depends only on its size (1 to 256, of at least 4096 elements where it has that
+// many); each chunk's squares are summed in fp64 in a fixed order, the chunks in a fixed
+// order into the parameter's ||G||², and those in parameter order into two totals:
+// expert tables and replicated parameters. Only the expert total is summed
 // across ranks (Communicator::all_reduce_sum on a 1-element fp64 tensor of the parameters'
 // device: expert shards are disjoint); the replicated total is added after, once, since
 // the replicated gradients are already all-reduced and identical on every rank. Every rank
 // therefore computes the same norm. A non-finite norm is reported as is (and c = 1 when it
 // is NaN) so the trainer can detect it.
+//
+// Launches: the chunks' squares of up to 64 parameters run as one kernel, and so does
+// their update (multi-tensor kernels, the parameters' pointers in the kernel arguments),
+// so a step costs a handful of launches whatever the parameter count, not a few per
+// parameter, each of which left the GPU idle for its launch gap.
 //
 // How the step count and learning rate reach the kernels: through device memory, so that
 // one call of step() can be captured in a CUDA graph and replayed. A single-thread kernel
@@ -105,19 +112,18 @@ class AdamW {
 
   void check_gradient(const Parameter& p, const Moments& s) const;
   void accumulate_squared_norms();
-  void update(size_t index);
+  void update_all();
 
   OptimConfig config_;
   LrSchedule schedule_;
   Device device_ = Device::cpu;
   std::vector<Parameter*> params_;
   std::vector<Moments> moments_;
-  Tensor step_;              // int64 [1]: updates applied
-  Tensor scalars_;           // fp64: this step's squared norms, norm, grad factor, lrs, biases
-  Tensor is_expert_;         // int32 [P]: 1 for expert tables
-  Tensor column_squares_;    // fp64 [P, 256]: column sums of each gradient's squares
-  Tensor param_squares_;     // fp64 [P]: ||G||² of each parameter
-  Tensor column_workspace_;  // column_sum partials, allocated once at the largest size
+  Tensor step_;           // int64 [1]: updates applied
+  Tensor scalars_;        // fp64: this step's squared norms, norm, grad factor, lrs, biases
+  Tensor is_expert_;      // int32 [P]: 1 for expert tables
+  Tensor chunk_squares_;  // fp64 [P, 256]: each gradient's squares, summed by chunk
+  Tensor param_squares_;  // fp64 [P]: ||G||² of each parameter
 };
 
 }  // namespace flashmoe

@@ -32,7 +32,8 @@ const std::vector<ParamSpec>& mixed_specs() {
       {"scalar", {1}, DType::f32, -1, false, true},
       {"gain", {7}, DType::bf16, -1, false, false},
       {"small", {33, 5}, DType::f32, -1, false, true},
-      {"large", {4099, 129}, DType::bf16, -1, false, true},  // several column_sum chunks
+      {"large", {4099, 129}, DType::bf16, -1, false, true},  // 130 norm chunks
+      {"wide", {1031, 1025}, DType::f32, -1, false, true},   // 256 chunks of 4128 and less
       {"dense_experts", {9, 11}, DType::bf16, -1, true, true},
       {"experts", {257, 13}, DType::f32, 40, true, true},
       {"experts_bf16", {1000, 3}, DType::bf16, 333, true, false},
@@ -161,9 +162,8 @@ Outcome run_gpu(const std::vector<ParamSpec>& specs) {
   return out;
 }
 
-TEST(OptimGpu, MatchesCpuOverShapesDtypesAndSparsity) {
-  FLASHMOE_REQUIRE_GPU();
-  const std::vector<ParamSpec>& specs = mixed_specs();
+// kSteps updates on the CPU and the GPU from the same seeded gradients.
+void expect_gpu_matches_cpu(const std::vector<ParamSpec>& specs) {
   std::vector<Parameter> cpu = make_params(specs, Device::cpu);
   std::vector<Parameter> gpu = make_params(specs, Device::cuda);
   AdamW cpu_optimizer(test_config(), kTotalSteps, pointers(cpu));
@@ -201,6 +201,26 @@ TEST(OptimGpu, MatchesCpuOverShapesDtypesAndSparsity) {
       }
     }
   }
+}
+
+TEST(OptimGpu, MatchesCpuOverShapesDtypesAndSparsity) {
+  FLASHMOE_REQUIRE_GPU();
+  expect_gpu_matches_cpu(mixed_specs());
+}
+
+// More parameters than one multi-tensor launch takes (64), so the updates and the norm's
+// chunks span three launches; one expert table has no gradient slots at all.
+TEST(OptimGpu, MatchesCpuOverSeveralLaunches) {
+  FLASHMOE_REQUIRE_GPU();
+  std::vector<ParamSpec> specs = {{"no_slots", {5, 4}, DType::f32, 0, true, true}};
+  for (int copy = 0; specs.size() < 2 * 64 + 3; ++copy) {
+    for (ParamSpec s : mixed_specs()) {
+      if (s.name == "wide") continue;  // keeps the CPU side quick
+      s.name += "." + std::to_string(copy);
+      specs.push_back(s);
+    }
+  }
+  expect_gpu_matches_cpu(specs);
 }
 
 TEST(OptimGpu, BitwiseRepeatable) {
