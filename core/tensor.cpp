@@ -104,6 +104,19 @@ Tensor Tensor::empty(Shape shape, DType dtype, Device device) {
   return t;
 }
 
+Tensor Tensor::borrow(void* data, Shape shape, DType dtype, Device device) {
+  FLASHMOE_CHECK(data != nullptr, "borrowed tensor of shape " << shape_string(shape)
+                                                              << " has no memory, expected a "
+                                                                 "valid pointer");
+  Tensor t;
+  checked_numel(shape);
+  t.storage_ = std::shared_ptr<uint8_t>(static_cast<uint8_t*>(data), [](uint8_t*) {});
+  t.shape_ = std::move(shape);
+  t.dtype_ = dtype;
+  t.device_ = device;
+  return t;
+}
+
 Tensor Tensor::zeros(Shape shape, DType dtype, Device device) {
   Tensor t = empty(std::move(shape), dtype, device);
   t.fill_bytes(0);

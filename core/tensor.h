@@ -59,6 +59,9 @@ class Tensor {
                             Device device);
   template <class T>
   static Tensor from_vector(const std::vector<T>& values, Shape shape, Device device);
+  // A tensor over memory that the caller owns and keeps alive while the tensor (and the
+  // work queued on it) is in use, e.g. a peer's buffer mapped into this process.
+  static Tensor borrow(void* data, Shape shape, DType dtype, Device device);
 
   bool defined() const { return storage_ != nullptr; }
   const Shape& shape() const { return shape_; }

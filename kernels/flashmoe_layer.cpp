@@ -182,9 +182,10 @@ ExpertInputs FlashMoELayer::expert_inputs(const Tensor& x, const Tensor& ids,
 // One rank computes its tokens directly; P ranks compute the rows their experts own,
 // block by block. Under collectives the own tokens' block goes first: it needs nothing
 // from the other ranks, so the routing's all-gather runs beside it, and the combine is
-// one reduce-scatter after every block. Under peer copies each other rank's partial y
-// leaves as soon as its block is computed, and the own block goes last, covering the
-// last partial's transfer, which the combine waits for.
+// one reduce-scatter after every block. Under peer copies the expert kernels store each
+// other rank's partial y straight into that rank's inbox, and the own block goes last:
+// the others get their partials as early as possible, and the combine needs the own
+// one only together with theirs.
 void FlashMoELayer::routed_forward(const Tensor& ids, const Tensor& gates) {
   if (!exchange_) {
     expert_in_ = expert_inputs(x_, ids, gates);
@@ -207,8 +208,8 @@ void FlashMoELayer::routed_forward(const Tensor& ids, const Tensor& gates) {
   for (int peer : exchange_->peers()) {
     const ExpertRows rows = exchange_->receive(peer);
     const int64_t begin = peer * T;
-    experts_forward_rows(expert_inputs(rows.x, rows.ids, rows.gates), begin, begin + T);
-    exchange_->send_partial(peer, y_partial_.rows(begin, begin + T));
+    experts_forward_rows(expert_inputs(rows.x, rows.ids, rows.gates), begin, begin + T, peer);
+    exchange_->send_partial(peer);
   }
   if (peer_copies) {
     own_block();
@@ -220,15 +221,19 @@ void FlashMoELayer::routed_forward(const Tensor& ids, const Tensor& gates) {
   exchange_->combine(y_partial_, y_routed_);
 }
 
-// The owned rows [begin, end) of y_partial_ and h_.
-void FlashMoELayer::experts_forward_rows(const ExpertInputs& in, int64_t begin, int64_t end) {
+// The owned rows [begin, end) of h_ and of the partial y: y_partial_'s rows, or, for
+// block `peer` of another rank, where the exchange says (that rank's inbox).
+void FlashMoELayer::experts_forward_rows(const ExpertInputs& in, int64_t begin, int64_t end,
+                                         int peer) {
   if (begin == end) return;
   Tensor y = y_partial_.rows(begin, end), h = h_.rows(begin, end);
+  if (peer != kOwnBlock) y = exchange_->partial_destination(peer, y);
   experts_forward(in, y, h);
 }
 
 // With P ranks, the rows of the own tokens first, beside dy's transfer; then each
-// other rank's block, whose dx and dgates partials leave while the next is computed.
+// other rank's block, whose dx and dgates partials its kernels store into that rank's
+// inboxes (under peer copies).
 // The tables' gradients are queued beside before the current stream waits for the
 // peers' dgates partials; dx_routed_ is read only at the end of backward (after
 // exchange_->wait()), so its partials travel while the router's backward runs.
@@ -241,10 +246,9 @@ std::pair<const Tensor*, const Tensor*> FlashMoELayer::routed_backward(const Ten
     const int64_t T = dy.size(0), own = exchange_->own_begin();
     experts_backward_rows_of(dy, own, own + T);
     for (int peer : exchange_->peers()) {
-      const int64_t begin = peer * T, end = begin + T;
-      experts_backward_rows_of(exchange_->receive_grad(peer), begin, end);
-      exchange_->send_grad_partials(peer, expert_grads_.dx.rows(begin, end),
-                                    expert_grads_.dgates.rows(begin, end));
+      const int64_t begin = peer * T;
+      experts_backward_rows_of(exchange_->receive_grad(peer), begin, begin + T, peer);
+      exchange_->send_grad_partials(peer);
     }
     backward_tables(exchange_->owned_dy());
     exchange_->combine_grad(expert_grads_.dx, expert_grads_.dgates, dx_routed_, dgates_routed_);
@@ -268,10 +272,17 @@ void FlashMoELayer::finish_backward() {
   if (tables_side_) tables_side_->join();
 }
 
-// The backward's rows phase over owned rows [begin, end), whose dy is `dy`.
-void FlashMoELayer::experts_backward_rows_of(const Tensor& dy, int64_t begin, int64_t end) {
+// The backward's rows phase over owned rows [begin, end), whose dy is `dy`; for block
+// `peer` of another rank, dx and dgates go where the exchange says.
+void FlashMoELayer::experts_backward_rows_of(const Tensor& dy, int64_t begin, int64_t end,
+                                             int peer) {
   if (begin == end) return;
   ExpertGrads part = expert_grads_.tokens(expert_in_, begin, end);
+  if (peer != kOwnBlock) {
+    const GradPartials out = exchange_->grad_partial_destinations(peer, part.dx, part.dgates);
+    part.dx = out.dx;
+    part.dgates = out.dgates;
+  }
   experts_backward_rows(expert_in_.tokens(begin, end), h_.rows(begin, end), dy, part);
 }
 

@@ -96,13 +96,16 @@ class FlashMoELayer {
   void backward_norm(const Tensor& dxn);
   ExpertInputs expert_inputs(const Tensor& x, const Tensor& ids, const Tensor& gates) const;
   void routed_forward(const Tensor& ids, const Tensor& gates);
-  void experts_forward_rows(const ExpertInputs& in, int64_t begin, int64_t end);
+  // `peer` of the experts_*_rows functions: the block of another rank, or kOwnBlock.
+  static constexpr int kOwnBlock = -1;
+  void experts_forward_rows(const ExpertInputs& in, int64_t begin, int64_t end,
+                            int peer = kOwnBlock);
   void count_key_usage();
   void join_key_count();
   // Fills expert_grads_ and queues the tables' gradients; returns {dx, dgates} of this
   // rank's tokens (with P > 1, dx after exchange_->wait()).
   std::pair<const Tensor*, const Tensor*> routed_backward(const Tensor& dy);
-  void experts_backward_rows_of(const Tensor& dy, int64_t begin, int64_t end);
+  void experts_backward_rows_of(const Tensor& dy, int64_t begin, int64_t end, int peer = kOwnBlock);
   void backward_tables(const Tensor& dy);
 
   int64_t dim_;

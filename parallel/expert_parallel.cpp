@@ -59,7 +59,7 @@ ExpertExchange::~ExpertExchange() {
 
 void ExpertExchange::join_lanes() {
   if (dispatch_lane_) dispatch_lane_->join();
-  for (const auto& lane : lanes_) lane->join();
+  if (own_lane_) own_lane_->join();
 }
 
 void ExpertExchange::wait() {
@@ -126,9 +126,7 @@ void ExpertExchange::map_peer_inboxes(const Tensor& x) {
     return;
   }
   if (!dispatch_lane_) dispatch_lane_ = std::make_unique<SideStream>(StreamPriority::high);
-  while (lanes_.size() < static_cast<size_t>(comm_->size())) {
-    lanes_.push_back(std::make_unique<SideStream>(StreamPriority::high));
-  }
+  if (!own_lane_) own_lane_ = std::make_unique<SideStream>(StreamPriority::high);
 }
 
 void ExpertExchange::gather(const Tensor& send, Tensor& recv) {
@@ -172,7 +170,7 @@ void ExpertExchange::start_dispatch(const Tensor& x) {
 
 void ExpertExchange::copy_own_block(const Tensor& mine, Tensor& owned) {
   Tensor block = owned.rows(own_begin(), own_begin() + tokens_);
-  run_beside(lanes_[comm_->rank()].get(), [&] { block.copy_from(mine); });
+  run_beside(own_lane_.get(), [&] { block.copy_from(mine); });
 }
 
 ExpertRows ExpertExchange::dispatch(const Tensor& ids, const Tensor& gates) {
@@ -195,8 +193,13 @@ ExpertRows ExpertExchange::dispatch(const Tensor& ids, const Tensor& gates) {
 
 void ExpertExchange::check_peer(int peer, const char* what) const {
   FLASHMOE_CHECK(peer >= 0 && peer < comm_->size() && peer != comm_->rank(),
-                 "receive of " << what << " block " << peer << " on rank " << comm_->rank()
-                               << ", expected another rank's in [0, " << comm_->size() << ")");
+                 what << " of block " << peer << " on rank " << comm_->rank()
+                      << ", expected another rank's block in [0, " << comm_->size() << ")");
+}
+
+Tensor ExpertExchange::peer_block(int peer, int inbox, const Tensor& local) const {
+  return peer_->peer_tensor(peer, inbox, comm_->rank() * local.nbytes(), local.shape(),
+                            local.dtype());
 }
 
 void ExpertExchange::unpack_block(int peer) {
@@ -241,10 +244,15 @@ double ExpertExchange::load_imbalance() {
   return total > 0 ? most * P / total : 1.0;
 }
 
-void ExpertExchange::send_partial(int peer, const Tensor& partial) {
-  if (!peer_) return;
-  expect_block(partial, tokens_, width_, dtype_, "partial y");
-  send_block(*lanes_[peer], peer, kYInbox, partial, kYLanded);
+Tensor ExpertExchange::partial_destination(int peer, const Tensor& local) {
+  check_peer(peer, "partial y");
+  expect_block(local, tokens_, width_, dtype_, "partial y");
+  return peer_ ? peer_block(peer, kYInbox, local) : local;
+}
+
+void ExpertExchange::send_partial(int peer) {
+  check_peer(peer, "partial y");
+  if (peer_) peer_->raise(peer, kYLanded, current_stream());
 }
 
 void ExpertExchange::combine(const Tensor& partial_y, Tensor& y) {
@@ -281,7 +289,7 @@ Tensor ExpertExchange::receive_grad(int peer) {
 
 const Tensor& ExpertExchange::owned_dy() {
   if (peer_) {
-    lanes_[comm_->rank()]->join();  // the own block's copy
+    own_lane_->join();  // the own block's copy
   } else if (!grad_gathered_) {
     wait();
     grad_gathered_ = true;
@@ -289,13 +297,20 @@ const Tensor& ExpertExchange::owned_dy() {
   return owned_dy_;
 }
 
-void ExpertExchange::send_grad_partials(int peer, const Tensor& partial_dx, const Tensor& dgates) {
+GradPartials ExpertExchange::grad_partial_destinations(int peer, const Tensor& local_dx,
+                                                       const Tensor& local_dgates) {
+  check_peer(peer, "partial dx");
+  expect_block(local_dx, tokens_, width_, dtype_, "partial dx");
+  expect_block(local_dgates, tokens_, slots_, DType::f32, "dgates");
+  if (!peer_) return {local_dx, local_dgates};
+  return {peer_block(peer, kDxInbox, local_dx), peer_block(peer, kDgatesInbox, local_dgates)};
+}
+
+void ExpertExchange::send_grad_partials(int peer) {
+  check_peer(peer, "partial dx");
   if (!peer_) return;
-  expect_block(partial_dx, tokens_, width_, dtype_, "partial dx");
-  expect_block(dgates, tokens_, slots_, DType::f32, "dgates");
-  // dgates first: the router's backward waits for it, dx only at the layer's end.
-  send_block(*lanes_[peer], peer, kDgatesInbox, dgates, kDgatesLanded);
-  send_block(*lanes_[peer], peer, kDxInbox, partial_dx, kDxLanded);
+  peer_->raise(peer, kDgatesLanded, current_stream());
+  peer_->raise(peer, kDxLanded, current_stream());
 }
 
 void ExpertExchange::combine_grad(const Tensor& partial_dx, const Tensor& owned_dgates, Tensor& dx,

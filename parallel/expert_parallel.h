@@ -26,15 +26,19 @@
 // - collectives: the all-gathers and reduce-scatters of the Communicator (NCCL on
 //   GPUs, MPI on the CPU). The sums' order is fixed for a world size
 //   (Communicator::reduce_scatter_sum), so results repeat bit for bit.
-// - peer copies (GPUs of one host, parallel/peer_memory.h): every block is written
-//   straight into its owner's memory by the sender's copy engines, which leaves every
-//   SM to the kernels, and block by block: the owner computes a rank's rows as soon as
-//   they have landed, and sends each rank its partial y as soon as it is computed,
-//   while it computes the next. The receiver sums the P partials in rank order, in
-//   fp32, so results repeat bit for bit.
+// - peer copies (GPUs of one host, parallel/peer_memory.h): every block goes straight
+//   into its owner's memory, and block by block, so the owner computes a rank's rows as
+//   soon as they have landed. What every owner needs (x, the routing, dy) is put there
+//   by the sender's copy engines, which leaves every SM to the kernels. The partials
+//   (y; dx and dgates) are stored by the owner's expert kernels themselves into the
+//   inboxes of the rank whose block they are, over NVLink, while they compute: no copy
+//   follows the kernel, so a rank's partials have landed when their kernel ends. The
+//   receiver sums the P partials in rank order, in fp32, so results repeat bit for bit.
 //   Rounds: a round is one forward and its backward. At the start of a round a rank
 //   raises a credit at every peer (it is done with the inboxes of the last round), and
-//   a rank writes into a peer's inboxes only after that peer's credit for the round.
+//   a rank writes into a peer's inboxes only after that peer's credit for the round:
+//   x waits for it; everything else follows a block that the peer sent after raising
+//   it (the partials of a block are stored only once the block has landed).
 //
 // Every rank must hold as many tokens; the ranks' counts are compared (one host
 // synchronisation) only when this rank's T changes (every rank changes on the same
@@ -74,6 +78,11 @@ struct ExpertRows {
   Tensor x, ids, gates;
 };
 
+// Where a block's backward partials go: dx [T, D] and dgates [T, S].
+struct GradPartials {
+  Tensor dx, dgates;
+};
+
 class ExpertExchange {
  public:
   // Throws unless num_experts is a multiple of the world size. Tokens carry `slots`
@@ -102,9 +111,11 @@ class ExpertExchange {
   // All R = P T owned rows, after every receive.
   const ExpertRows& owned() const { return owned_; }
   int64_t own_begin() const { return comm_->rank() * tokens_; }
-  // The partial y [T, D] of block `peer`, sent once the caller's stream has computed it
-  // (the collectives send every block in combine).
-  void send_partial(int peer, const Tensor& partial);
+  // Where the caller computes block `peer`'s partial y [T, D] (after receive(peer)):
+  // under peer copies that rank's inbox, else `local` (combine sends every block).
+  Tensor partial_destination(int peer, const Tensor& local);
+  // Block `peer`'s partial y is queued on the caller's stream: that rank may sum it.
+  void send_partial(int peer);
   // Partial y [R, D] of the owned rows -> y [T, D] of this rank's tokens.
   void combine(const Tensor& partial_y, Tensor& y);
 
@@ -114,8 +125,11 @@ class ExpertExchange {
   void start_dispatch_grad(const Tensor& dy);
   Tensor receive_grad(int peer);
   const Tensor& owned_dy();
-  // The dx [T, D] and dgates [T, S] partials of block `peer`, sent once computed.
-  void send_grad_partials(int peer, const Tensor& partial_dx, const Tensor& dgates);
+  // Where the caller computes block `peer`'s dx [T, D] and dgates [T, S] partials (after
+  // receive_grad(peer)), as partial_destination; then send_grad_partials(peer).
+  GradPartials grad_partial_destinations(int peer, const Tensor& local_dx,
+                                         const Tensor& local_dgates);
+  void send_grad_partials(int peer);
   // The owned rows' dx partials [R, D] and dgates [R, S] -> dx [T, D] and dgates
   // [T, S]: wait_dgates() before reading dgates, wait() before reading dx. Under peer
   // copies the current stream sums dgates as soon as the peers' have landed (the
@@ -153,6 +167,8 @@ class ExpertExchange {
   // Peer copies: this rank's rows (x or dy) into block `rank` of the owned rows, beside.
   void copy_own_block(const Tensor& mine, Tensor& owned);
   void check_peer(int peer, const char* what) const;
+  // Block `rank` of `peer`'s inbox `inbox`, shaped as `local`.
+  Tensor peer_block(int peer, int inbox, const Tensor& local) const;
   void join_lanes();
 
   std::unique_ptr<Communicator> comm_;
@@ -175,8 +191,8 @@ class ExpertExchange {
   Tensor count_workspace_;
   std::unique_ptr<PeerMemory> peer_;
   std::unique_ptr<SideStream> dispatch_lane_;
-  // One per rank: the partials sent to it (the own one: the local copies of x and dy).
-  std::vector<std::unique_ptr<SideStream>> lanes_;
+  // The copies of this rank's own x and dy into its owned rows.
+  std::unique_ptr<SideStream> own_lane_;
 };
 
 namespace detail {

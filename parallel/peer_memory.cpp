@@ -128,14 +128,27 @@ void PeerMemory::unmap() {
 
 PeerMemory::~PeerMemory() { unmap(); }
 
+void* PeerMemory::peer_address(int peer, int index, size_t offset, size_t bytes) const {
+  FLASHMOE_CHECK(peer >= 0 && peer < size_ && peer != rank_ && index >= 0 &&
+                     index < static_cast<int>(buffers_.size()) &&
+                     offset + bytes <= buffers_[index].nbytes() && mapped_[peer][index],
+                 "peer access of " << bytes << " bytes to buffer " << index << " of rank " << peer
+                                   << " at byte " << offset
+                                   << ", expected another mapped rank and a range inside the "
+                                      "buffer");
+  return static_cast<uint8_t*>(mapped_[peer][index]) + offset;
+}
+
+Tensor PeerMemory::peer_tensor(int peer, int index, size_t offset, Shape shape, DType dtype) const {
+  int64_t numel = 1;
+  for (int64_t d : shape) numel *= d;
+  void* data = peer_address(peer, index, offset, static_cast<size_t>(numel) * dtype_size(dtype));
+  return Tensor::borrow(data, std::move(shape), dtype, Device::cuda);
+}
+
 void PeerMemory::put(int peer, int index, size_t offset, const Tensor& src,
                      cudaStream_t stream) const {
-  FLASHMOE_CHECK(peer != rank_ && index >= 0 && index < static_cast<int>(buffers_.size()) &&
-                     offset + src.nbytes() <= buffers_[index].nbytes(),
-                 "peer copy of " << src.nbytes() << " bytes to buffer " << index << " of rank "
-                                 << peer << " at byte " << offset
-                                 << ", expected another rank and a range inside the buffer");
-  void* dst = static_cast<uint8_t*>(mapped_[peer][index]) + offset;
+  void* dst = peer_address(peer, index, offset, src.nbytes());
   CUDA_CHECK(cudaMemcpyAsync(dst, src.raw(), src.nbytes(), cudaMemcpyDeviceToDevice, stream));
 }
 

@@ -1,8 +1,8 @@
 // Device memory that the other ranks of a job write into directly. Every rank exports
 // its buffers through CUDA IPC and maps every peer's, so a rank's copy engines put data
-// into a peer's memory over NVLink (or PCIe peer access): no kernel, no SM, and no
-// staging copy. After the data a rank raises a flag in the peer's memory, which the
-// peer's stream waits on. GPUs of one host only.
+// into a peer's memory over NVLink (or PCIe peer access), with no SM and no staging
+// copy, or its kernels store their outputs there. After the data a rank raises a flag
+// in the peer's memory, which the peer's stream waits on. GPUs of one host only.
 //
 // Flags: each rank holds a table of 32-bit flags, one per (kind, peer). Rank p raises
 // entry (k, p) of rank q's table (sets it to 1) on a stream, after that stream's
@@ -37,6 +37,9 @@ class PeerMemory {
   PeerMemory(const PeerMemory&) = delete;
   PeerMemory& operator=(const PeerMemory&) = delete;
 
+  // Bytes [offset, offset + its size) of `peer`'s buffer `index` as a tensor that kernels
+  // of this rank write straight into (over NVLink), valid until unmap().
+  Tensor peer_tensor(int peer, int index, size_t offset, Shape shape, DType dtype) const;
   // On `stream`: copies `src` to byte `offset` of `peer`'s buffer `index`.
   void put(int peer, int index, size_t offset, const Tensor& src, cudaStream_t stream) const;
   // On `stream`: raises flag (kind, this rank) at `peer`, after the stream's copies.
@@ -47,6 +50,8 @@ class PeerMemory {
  private:
   PeerMemory(int rank, int size, const std::vector<Tensor>& buffers, int flag_kinds);
   void check_flag(int peer, int kind) const;
+  // The address of bytes [offset, offset + bytes) of `peer`'s buffer `index`.
+  void* peer_address(int peer, int index, size_t offset, size_t bytes) const;
 
   int rank_, size_, flag_kinds_;
   std::vector<Tensor> buffers_;  // keeps this rank's exported memory alive
