@@ -174,12 +174,13 @@ FLASHMOE_HD void update_element(const ParamTensors& p, const UpdateConstants& c,
 // Multi-tensor launches: the per-parameter work of up to kGroupTensors parameters runs as
 // one kernel whose blocks are dealt out to the parameters in order, parameter k taking
 // blocks [first_block[k], first_block[k + 1]). The items travel in the kernel's
-// arguments (5.4 KB for the update's; sm_70 and later take up to 32 KB), so a step
+// arguments (5.9 KB for the update's; sm_70 and later take up to 32 KB), so a step
 // launches a few kernels rather than a few per parameter, and a captured step keeps the
 // buffers it was captured with.
 constexpr int kGroupTensors = 64;
 constexpr int kThreads = 256;
 constexpr int64_t kUpdateBlockElements = 4 * kThreads;
+static_assert(kMaxNormChunks == kThreads, "a block has a thread for each chunk slot");
 
 template <class Item>
 struct TensorGroup {
@@ -251,7 +252,6 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Block i: param_squares[i] = the sum of parameter i's kMaxNormChunks slots.
-static_assert(kMaxNormChunks == kThreads, "one thread per chunk slot");
 __global__ void __launch_bounds__(kThreads)
     param_squares_kernel(const double* chunk_squares, double* param_squares) {
   const double sum = block_sum(chunk_squares[int64_t(blockIdx.x) * kMaxNormChunks + threadIdx.x]);
