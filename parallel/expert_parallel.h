@@ -37,8 +37,9 @@
 //   Rounds: a round is one forward and its backward. At the start of a round a rank
 //   raises a credit at every peer (it is done with the inboxes of the last round), and
 //   a rank writes into a peer's inboxes only after that peer's credit for the round:
-//   x waits for it; everything else follows a block that the peer sent after raising
-//   it (the partials of a block are stored only once the block has landed).
+//   x waits for it, the routing and dy follow x on the same lane, and a block's
+//   partials are stored only once the block has landed, which the peer sent after
+//   raising its credit.
 //
 // Every rank must hold as many tokens; the ranks' counts are compared (one host
 // synchronisation) only when this rank's T changes (every rank changes on the same
