@@ -106,7 +106,8 @@ __device__ __forceinline__ void store_fp32(float* dst, const float (&v)[kVec], b
 // Per (token, slot) dot products: dot[t][s] = <token_rows[t], table[ids[t][s]]>.
 
 constexpr int kDotWarps = 4;
-constexpr int kDotRowsPerWarp = 4;  // warp_sum_quarters adds four rows at once
+constexpr int kDotRowsPerWarp = 4;
+static_assert(kDotRowsPerWarp == 4, "both dot kernels sum the rows with warp_sum_quarters");
 constexpr int kDotSlotsPerBlock = kDotWarps * kDotRowsPerWarp;
 
 // An epilogue reads its per-pair inputs with load(pair) before the dot is computed
@@ -197,7 +198,6 @@ __global__ void __launch_bounds__(kDotWarps* kWarp)
     slot_dot_kernel(const T* __restrict__ token_rows, const T* __restrict__ table,
                     const int32_t* __restrict__ ids, int64_t slots, int64_t dim,
                     Epilogue epilogue) {
-  static_assert(kDotRowsPerWarp == 4, "warp_sum_quarters sums four rows");
   const int lane = threadIdx.x % kWarp;
   const int64_t first_slot =
       int64_t(blockIdx.y) * kDotSlotsPerBlock + (threadIdx.x / kWarp) * kDotRowsPerWarp;
