@@ -198,8 +198,7 @@ void ExpertExchange::check_peer(int peer, const char* what) const {
 }
 
 Tensor ExpertExchange::peer_block(int peer, int inbox, const Tensor& local) const {
-  return peer_->peer_tensor(peer, inbox, comm_->rank() * local.nbytes(), local.shape(),
-                            local.dtype());
+  return peer_->peer_tensor(peer, inbox, comm_->rank() * local.nbytes(), local);
 }
 
 void ExpertExchange::unpack_block(int peer) {

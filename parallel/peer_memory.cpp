@@ -139,11 +139,9 @@ void* PeerMemory::peer_address(int peer, int index, size_t offset, size_t bytes)
   return static_cast<uint8_t*>(mapped_[peer][index]) + offset;
 }
 
-Tensor PeerMemory::peer_tensor(int peer, int index, size_t offset, Shape shape, DType dtype) const {
-  int64_t numel = 1;
-  for (int64_t d : shape) numel *= d;
-  void* data = peer_address(peer, index, offset, static_cast<size_t>(numel) * dtype_size(dtype));
-  return Tensor::borrow(data, std::move(shape), dtype, Device::cuda);
+Tensor PeerMemory::peer_tensor(int peer, int index, size_t offset, const Tensor& like) const {
+  return Tensor::borrow(peer_address(peer, index, offset, like.nbytes()), like.shape(),
+                        like.dtype(), Device::cuda);
 }
 
 void PeerMemory::put(int peer, int index, size_t offset, const Tensor& src,

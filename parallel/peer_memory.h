@@ -37,9 +37,9 @@ class PeerMemory {
   PeerMemory(const PeerMemory&) = delete;
   PeerMemory& operator=(const PeerMemory&) = delete;
 
-  // Bytes [offset, offset + its size) of `peer`'s buffer `index` as a tensor that kernels
-  // of this rank write straight into (over NVLink), valid until unmap().
-  Tensor peer_tensor(int peer, int index, size_t offset, Shape shape, DType dtype) const;
+  // A tensor of `like`'s shape and dtype at byte `offset` of `peer`'s buffer `index`,
+  // which kernels of this rank write straight into (over NVLink); valid until unmap().
+  Tensor peer_tensor(int peer, int index, size_t offset, const Tensor& like) const;
   // On `stream`: copies `src` to byte `offset` of `peer`'s buffer `index`.
   void put(int peer, int index, size_t offset, const Tensor& src, cudaStream_t stream) const;
   // On `stream`: raises flag (kind, this rank) at `peer`, after the stream's copies.
