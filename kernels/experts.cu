@@ -8,7 +8,8 @@
 //   1. slot_dot_kernel(x, down_embed): h[p] = <x[t], down[e]>, coef[p] = act(h) g.
 //   2. slot_sum_kernel(up_embed, coef): y[t] = sum_s coef[t][s] up[e], s ascending.
 //   Where S <= 32, slot_dot_narrow_kernel serves step 1 (here and in the backward):
-//   a warp per token over its filled slots only, the same dots bit for bit.
+//   a warp per token (two tokens a warp, 16 lanes each, where S <= 16) over its
+//   filled slots only, the same dots bit for bit.
 //   Each pass reads one table only, so at the quickstart shape (E = 16384, D = 1024,
 //   bf16: 32 MB a table) the table a pass gathers from stays in the 50 MB L2. Where
 //   S <= 32 and both tables fit in half the L2, the narrow kernel makes step 2 too
@@ -183,18 +184,32 @@ void check_ids_on_device(const ExpertInputs& in, const Sizes& s, unsigned long l
                              << " (or id < 0: an empty slot)");
 }
 
-// Launches slot_dot_kernel over all pairs (a no-op when there are none); with a
-// RowSum, the narrow kernel that also sums the rows (fuse_row_sums said yes).
+// Launches slot_dot_narrow_kernel with kTokens tokens a warp (S <= kWarp / kTokens);
+// with a RowSum, the variant that also sums the rows.
+template <class T, int kVec, class Epilogue, int kTokens>
+void launch_narrow_dots(const T* token_rows, const T* table, const int32_t* ids, const Sizes& s,
+                        Epilogue epilogue, RowSum<T> sum) {
+  const auto kernel = sum.table != nullptr
+                          ? slot_dot_narrow_kernel<T, kVec, Epilogue, true, kTokens>
+                          : slot_dot_narrow_kernel<T, kVec, Epilogue, false, kTokens>;
+  kernel<<<blocks_for(s.tokens, kDotWarps * kTokens), kDotWarps * kWarp, 0, current_stream()>>>(
+      token_rows, table, ids, s.tokens, s.slots, s.dim, epilogue, sum);
+  CUDA_CHECK_LAUNCH("slot_dot_narrow_kernel");
+}
+
+// Launches the dot kernel over all pairs (a no-op when there are none): the narrow one
+// where S <= kWarp, two tokens a warp where S <= kWarp / 2; with a RowSum (fuse_row_sums
+// said yes), the narrow kernel that also sums the rows.
 template <class T, int kVec, class Epilogue>
 void launch_slot_dots(const T* token_rows, const T* table, const int32_t* ids, const Sizes& s,
                       Epilogue epilogue, RowSum<T> sum = {}) {
   if (s.pairs == 0) return;
+  if (s.slots <= kWarp / 2) {
+    launch_narrow_dots<T, kVec, Epilogue, 2>(token_rows, table, ids, s, epilogue, sum);
+    return;
+  }
   if (s.slots <= kWarp) {
-    const auto kernel = sum.table != nullptr ? slot_dot_narrow_kernel<T, kVec, Epilogue, true>
-                                             : slot_dot_narrow_kernel<T, kVec, Epilogue, false>;
-    kernel<<<blocks_for(s.tokens, kDotWarps), kDotWarps * kWarp, 0, current_stream()>>>(
-        token_rows, table, ids, s.tokens, s.slots, s.dim, epilogue, sum);
-    CUDA_CHECK_LAUNCH("slot_dot_narrow_kernel");
+    launch_narrow_dots<T, kVec, Epilogue, 1>(token_rows, table, ids, s, epilogue, sum);
     return;
   }
   FLASHMOE_CHECK(sum.table == nullptr,

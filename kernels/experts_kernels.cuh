@@ -22,32 +22,51 @@ constexpr int kWarp = 32;
 // and stays in L1; rows gathered from the tables or by token go through L2 only.
 enum class Cache { l1, l2_only };
 
-// kVec elements of a row (fp32 or bf16), widened to float.
-template <class T, int kVec, Cache kCache>
-__device__ __forceinline__ void load_floats(const T* src, float (&out)[kVec]) {
+// kVec elements of a row (fp32 or bf16) as loaded: one 16-byte load, or one element.
+// They stay packed until used (a bf16 chunk holds 4 registers, not 8) and are widened
+// to float by operator[], so a kernel can keep many chunks in flight.
+template <class T, int kVec>
+struct Chunk {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, bf16>);
-  if constexpr (sizeof(T) * kVec == 16) {
-    const uint4* p = reinterpret_cast<const uint4*>(src);
-    const uint4 raw = kCache == Cache::l2_only ? __ldcg(p) : __ldg(p);
-    const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      if constexpr (std::is_same_v<T, float>) {
-        out[i] = __uint_as_float(words[i]);
-      } else {  // two bf16 per word, the lower address in the low half
-        out[2 * i] = __uint_as_float(words[i] << 16);
-        out[2 * i + 1] = __uint_as_float(words[i] & 0xffff0000u);
-      }
-    }
-  } else {
-    static_assert(kVec == 1, "rows are read in 16-byte chunks or one element at a time");
+  static_assert(sizeof(T) * kVec == 16 || kVec == 1,
+                "rows are read in 16-byte chunks or one element at a time");
+  static constexpr int kWords = sizeof(T) * kVec == 16 ? 4 : 1;
+  uint32_t words[kWords] = {};  // zero: every element 0.0f
+
+  __device__ __forceinline__ float operator[](int i) const {
     if constexpr (std::is_same_v<T, float>) {
-      out[0] = kCache == Cache::l2_only ? __ldcg(src) : __ldg(src);
-    } else {
-      const auto* p = reinterpret_cast<const unsigned short*>(src);
-      out[0] = to_float(bf16{kCache == Cache::l2_only ? __ldcg(p) : __ldg(p)});
+      return __uint_as_float(words[i]);
+    } else {  // two bf16 per word, the lower address in the low half
+      return __uint_as_float(i % 2 == 0 ? words[i / 2] << 16 : words[i / 2] & 0xffff0000u);
     }
   }
+};
+
+template <class T, int kVec, Cache kCache>
+__device__ __forceinline__ Chunk<T, kVec> load_chunk(const T* src) {
+  Chunk<T, kVec> chunk;
+  if constexpr (Chunk<T, kVec>::kWords == 4) {
+    const uint4* p = reinterpret_cast<const uint4*>(src);
+    const uint4 raw = kCache == Cache::l2_only ? __ldcg(p) : __ldg(p);
+    chunk.words[0] = raw.x;
+    chunk.words[1] = raw.y;
+    chunk.words[2] = raw.z;
+    chunk.words[3] = raw.w;
+  } else if constexpr (std::is_same_v<T, float>) {
+    chunk.words[0] = __float_as_uint(kCache == Cache::l2_only ? __ldcg(src) : __ldg(src));
+  } else {
+    const auto* p = reinterpret_cast<const unsigned short*>(src);
+    chunk.words[0] = kCache == Cache::l2_only ? __ldcg(p) : __ldg(p);
+  }
+  return chunk;
+}
+
+// kVec elements of a row, widened to float.
+template <class T, int kVec, Cache kCache>
+__device__ __forceinline__ void load_floats(const T* src, float (&out)[kVec]) {
+  const Chunk<T, kVec> chunk = load_chunk<T, kVec, kCache>(src);
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) out[i] = chunk[i];
 }
 
 // kVec floats stored as T (bf16 rounds to nearest even, like the CPU backend).
@@ -160,33 +179,63 @@ struct BackwardDotEpilogue {
 };
 
 // Lane partial sums of the dots of token_row with rows[r], for the filled r (the others
-// stay 0): lanes stride over the kVec-element chunks, so each lane has the token chunk
-// and R table chunks in flight. The chunk order and the fmaf chain are fixed, so a dot
-// has the same bits whichever kernel computes it.
-template <class T, int kVec, int R>
+// stay 0), by a group of kWarp / kStreams lanes. The row's chunks are dealt as over a
+// whole warp, chunk c to "stream lane" c % kWarp, and lane j of the group plays stream
+// lanes j + s * kWarp / kStreams in partial[s], s < kStreams: each lane has kStreams
+// token chunks and kStreams * R table chunks in flight. Each stream lane's fmaf chain
+// runs over its chunks in ascending order, and add_streams then warp_sum_quarters over
+// the group add the stream lanes in warp_sum's tree: a dot has the same bits whichever
+// kernel and group width computes it.
+template <class T, int kVec, int R, int kStreams>
 __device__ __forceinline__ void lane_partial_dots(const T* token_row, const T* const (&rows)[R],
-                                                  const bool (&filled)[R], int chunks, int lane,
-                                                  float (&partial)[R]) {
-  for (int c = lane; c < chunks; c += kWarp) {
-    const int64_t at = int64_t(c) * kVec;
-    float token_chunk[kVec];
-    float row_chunk[R][kVec];
-    load_floats<T, kVec, Cache::l1>(token_row + at, token_chunk);
+                                                  const bool (&filled)[R], int chunks,
+                                                  int group_lane, float (&partial)[kStreams][R]) {
+  constexpr int kGroup = kWarp / kStreams;
+  for (int first = 0; first < chunks; first += kWarp) {
+    bool active[kStreams];
+    Chunk<T, kVec> token_chunk[kStreams];
+    Chunk<T, kVec> row_chunk[kStreams][R];
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      if (filled[r]) {
-        load_floats<T, kVec, Cache::l2_only>(rows[r] + at, row_chunk[r]);
-      } else {
+    for (int s = 0; s < kStreams; ++s) {
+      const int c = first + s * kGroup + group_lane;
+      active[s] = c < chunks;
+      const int64_t at = int64_t(active[s] ? c : 0) * kVec;
+      token_chunk[s] = load_chunk<T, kVec, Cache::l1>(token_row + at);
 #pragma unroll
-        for (int i = 0; i < kVec; ++i) row_chunk[r][i] = 0.0f;
+      for (int r = 0; r < R; ++r) {
+        if (filled[r] && active[s])
+          row_chunk[s][r] = load_chunk<T, kVec, Cache::l2_only>(rows[r] + at);
       }
     }
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
+    for (int s = 0; s < kStreams; ++s) {
+      if (!active[s]) continue;  // a stream lane past the row adds nothing, not even +0
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) partial[r] = fmaf(token_chunk[i], row_chunk[r][i], partial[r]);
+      for (int r = 0; r < R; ++r) {
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) {
+          partial[s][r] = fmaf(token_chunk[s][i], row_chunk[s][r][i], partial[s][r]);
+        }
+      }
     }
   }
+}
+
+// The first levels of warp_sum's tree over the stream lanes a lane plays (stream lanes
+// kWarp / 2 apart first, then kWarp / 4, ...): sum[r] = the lane's share of row r,
+// which warp_sum_quarters<kWarp / kStreams> then sums over the group.
+template <int R, int kStreams>
+__device__ __forceinline__ void add_streams(float (&partial)[kStreams][R], float (&sum)[R]) {
+#pragma unroll
+  for (int half = kStreams / 2; half >= 1; half /= 2) {
+#pragma unroll
+    for (int s = 0; s < half; ++s) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) partial[s][r] += partial[s + half][r];
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r) sum[r] = partial[0][r];
 }
 
 // Block (token t = blockIdx.x, slots [16 * blockIdx.y, +16)); warp w takes 4
@@ -223,12 +272,12 @@ __global__ void __launch_bounds__(kDotWarps* kWarp)
   const int64_t my_pair = token * slots + min(first_slot + my_row, slots - 1);
   const typename Epilogue::Inputs my_inputs =
       finishes ? epilogue.load(my_pair) : typename Epilogue::Inputs{};
-  float partial[kDotRowsPerWarp] = {};
+  float partial[1][kDotRowsPerWarp] = {};
   if (any_filled) {
     lane_partial_dots<T, kVec>(token_rows + token * dim, rows, filled, int(dim / kVec), lane,
                                partial);
   }
-  const float dot = warp_sum_quarters(partial);
+  const float dot = warp_sum_quarters(partial[0]);
   if (finishes && first_slot + my_row < slots) epilogue(my_pair, dot, my_filled, my_inputs);
 }
 
@@ -256,87 +305,118 @@ __device__ __forceinline__ void take_filled_slots(unsigned& left, bool (&has)[kR
   }
 }
 
-// out_row = sum over the slots in `filled` (a ballot; lane s holds slot s's id and
-// coefficient), ascending, of coef * table[id]: the fmaf chain of accumulate_rows, so
-// the bits of slot_sum_kernel. Lanes stride over the row's chunks.
-template <class T, int kVec>
-__device__ __forceinline__ void warp_row_sum(const T* table, int32_t my_id, float my_coef,
-                                             unsigned filled, int64_t dim, int lane, T* out_row) {
+// out_row = sum over the slots in `filled` (the group's ballot; lane group_first + s
+// holds slot s's id and coefficient), ascending, of coef * table[id]: the fmaf chain of
+// accumulate_rows, so the bits of slot_sum_kernel. The group's lanes take the row's
+// chunks as lane_partial_dots deals them. out_row is null where the group has no token.
+template <class T, int kVec, int kStreams>
+__device__ __forceinline__ void group_row_sum(const T* table, int32_t my_id, float my_coef,
+                                              unsigned filled, int64_t dim, int group_lane,
+                                              int group_first, T* out_row) {
+  constexpr int kGroup = kWarp / kStreams;
   const int64_t chunks = dim / kVec;
   for (int64_t first_chunk = 0; first_chunk < chunks; first_chunk += kWarp) {
-    const bool active = first_chunk + lane < chunks;  // every lane shuffles
-    const int64_t at = (first_chunk + lane) * kVec;
-    float acc[kVec] = {};
-    for (unsigned left = filled; left != 0;) {
+    bool active[kStreams];  // every lane shuffles, active or not
+    int64_t at[kStreams];
+#pragma unroll
+    for (int s = 0; s < kStreams; ++s) {
+      const int64_t chunk = first_chunk + s * kGroup + group_lane;
+      active[s] = chunk < chunks;
+      at[s] = chunk * kVec;
+    }
+    float acc[kStreams][kVec] = {};
+    for (unsigned left = filled; __any_sync(0xffffffffu, left != 0);) {
       bool has[kSumRowsPerWarp];
       int slot[kSumRowsPerWarp];
       take_filled_slots(left, has, slot);
       float coef[kSumRowsPerWarp];
-      float row[kSumRowsPerWarp][kVec];
+      Chunk<T, kVec> row[kSumRowsPerWarp][kStreams];
 #pragma unroll
       for (int r = 0; r < kSumRowsPerWarp; ++r) {
-        const int32_t id = __shfl_sync(0xffffffffu, my_id, slot[r]);
-        coef[r] = __shfl_sync(0xffffffffu, my_coef, slot[r]);
-        if (has[r] && active) {
-          load_floats<T, kVec, Cache::l2_only>(table + int64_t(id) * dim + at, row[r]);
-        } else {
+        const int32_t id = __shfl_sync(0xffffffffu, my_id, group_first + slot[r]);
+        coef[r] = __shfl_sync(0xffffffffu, my_coef, group_first + slot[r]);
 #pragma unroll
-          for (int k = 0; k < kVec; ++k) row[r][k] = 0.0f;
+        for (int s = 0; s < kStreams; ++s) {
+          if (has[r] && active[s]) {
+            row[r][s] = load_chunk<T, kVec, Cache::l2_only>(table + int64_t(id) * dim + at[s]);
+          }
         }
       }
 #pragma unroll
       for (int r = 0; r < kSumRowsPerWarp; ++r) {
         if (!has[r]) continue;
 #pragma unroll
-        for (int k = 0; k < kVec; ++k) acc[k] = fmaf(coef[r], row[r][k], acc[k]);
+        for (int s = 0; s < kStreams; ++s) {
+#pragma unroll
+          for (int k = 0; k < kVec; ++k) acc[s][k] = fmaf(coef[r], row[r][s][k], acc[s][k]);
+        }
       }
     }
-    if (active) store_floats<T, kVec>(out_row + at, acc);
+#pragma unroll
+    for (int s = 0; s < kStreams; ++s) {
+      if (active[s] && out_row != nullptr) store_floats<T, kVec>(out_row + at[s], acc[s]);
+    }
   }
 }
 
-// Rows of at most kWarp slots: one warp per token, lane s holding slot s. The filled
-// slots (a ballot) are gathered kDotRowsPerWarp at a time in ascending slot order, so a
-// row whose slots are mostly empty (an owner's rows under expert parallelism) costs
-// only its filled ones. The dots are those slot_dot_kernel computes, bit for bit.
-// kSumRows: the warp then makes the row sum of the same slots (slot_sum_kernel's
-// outputs, bit for bit), which saves that kernel's staging of every token's slots.
-template <class T, int kVec, class Epilogue, bool kSumRows>
-__global__ void __launch_bounds__(kDotWarps* kWarp)
+// Rows of at most kWarp / kTokens slots: kTokens tokens a warp, a group of
+// kWarp / kTokens lanes a token, lane s of a group holding slot s. The filled slots (a
+// ballot) are gathered kDotRowsPerWarp at a time in ascending slot order, so a row whose
+// slots are mostly empty (an owner's rows under expert parallelism) costs only its
+// filled ones; with two tokens a warp (S <= 16) they also share the warp's fixed work
+// (the ballot, the loop, the shuffles), and every lane has a slot's epilogue. The dots
+// are those slot_dot_kernel computes, bit for bit. kSumRows: the group then makes the
+// row sum of the same slots (slot_sum_kernel's outputs, bit for bit), which saves that
+// kernel's staging of every token's slots.
+// Two tokens a warp keep twice the chunks in flight a lane: left alone the compiler
+// takes 93 registers (5 blocks an SM); capped at 6 blocks (80) it spills nothing and
+// the owner-of-4 forward runs 6-8% faster (flashmoe-bench on an H100).
+template <int kTokens>
+constexpr int kNarrowMinBlocks = kTokens == 2 ? 6 : 1;
+
+template <class T, int kVec, class Epilogue, bool kSumRows, int kTokens>
+__global__ void __launch_bounds__(kDotWarps* kWarp, kNarrowMinBlocks<kTokens>)
     slot_dot_narrow_kernel(const T* __restrict__ token_rows, const T* __restrict__ table,
                            const int32_t* __restrict__ ids, int64_t tokens, int64_t slots,
                            int64_t dim, Epilogue epilogue, RowSum<T> sum) {
+  constexpr int kGroup = kWarp / kTokens;
   const int lane = threadIdx.x % kWarp;
-  const int64_t token = int64_t(blockIdx.x) * kDotWarps + threadIdx.x / kWarp;
-  if (token >= tokens) return;  // whole warps leave; the kernel has no block barrier
-  const bool in_row = lane < slots;
-  const int64_t my_pair = token * slots + (in_row ? lane : 0);
+  const int group_lane = lane % kGroup, group_first = lane - group_lane;
+  const int64_t first_token = (int64_t(blockIdx.x) * kDotWarps + threadIdx.x / kWarp) * kTokens;
+  if (first_token >= tokens) return;  // whole warps leave; the kernel has no block barrier
+  const int64_t token = first_token + lane / kGroup;
+  const bool has_token = token < tokens;
+  const bool in_row = has_token && group_lane < slots;
+  const int64_t my_pair = in_row ? token * slots + group_lane : 0;
   const int32_t my_id = in_row ? ids[my_pair] : -1;
   const typename Epilogue::Inputs my_inputs =
       in_row ? epilogue.load(my_pair) : typename Epilogue::Inputs{};
-  const T* token_row = token_rows + token * dim;
-  const unsigned filled_slots = __ballot_sync(0xffffffffu, my_id >= 0);
+  const T* token_row = token_rows + (has_token ? token : first_token) * dim;
+  const unsigned ballot = __ballot_sync(0xffffffffu, my_id >= 0);
+  const unsigned filled_slots = (ballot >> group_first) & (~0u >> (kWarp - kGroup));
   float my_dot = 0.0f;
-  for (unsigned left = filled_slots; left != 0;) {
+  for (unsigned left = filled_slots; __any_sync(0xffffffffu, left != 0);) {
     bool filled[kDotRowsPerWarp];
     int slot[kDotRowsPerWarp];
     take_filled_slots(left, filled, slot);
     const T* rows[kDotRowsPerWarp];
 #pragma unroll
     for (int r = 0; r < kDotRowsPerWarp; ++r) {
-      const int32_t id = __shfl_sync(0xffffffffu, my_id, slot[r]);
+      const int32_t id = __shfl_sync(0xffffffffu, my_id, group_first + slot[r]);
       rows[r] = table + int64_t(filled[r] ? id : 0) * dim;
     }
-    float partial[kDotRowsPerWarp] = {};
-    lane_partial_dots<T, kVec>(token_row, rows, filled, int(dim / kVec), lane, partial);
-    // Lane 8r holds row r's dot; the lane of its slot takes it.
-    const float dot = warp_sum_quarters(partial);
-    int from = 0;
+    float partial[kTokens][kDotRowsPerWarp] = {};
+    lane_partial_dots<T, kVec>(token_row, rows, filled, int(dim / kVec), group_lane, partial);
+    float lane_sum[kDotRowsPerWarp];
+    add_streams(partial, lane_sum);
+    // The group's r-th quarter of lanes holds row r's dot; the lane of its slot takes it.
+    const float dot = warp_sum_quarters<kGroup>(lane_sum);
+    int from = group_first;
     bool takes = false;
 #pragma unroll
     for (int r = 0; r < kDotRowsPerWarp; ++r) {
-      if (filled[r] && lane == slot[r]) {
-        from = r * (kWarp / kDotRowsPerWarp);
+      if (filled[r] && group_lane == slot[r]) {
+        from = group_first + r * (kGroup / kDotRowsPerWarp);
         takes = true;
       }
     }
@@ -345,8 +425,8 @@ __global__ void __launch_bounds__(kDotWarps* kWarp)
   }
   const float my_coef = in_row ? epilogue(my_pair, my_dot, my_id >= 0, my_inputs) : 0.0f;
   if constexpr (kSumRows) {
-    warp_row_sum<T, kVec>(sum.table, my_id, my_coef, filled_slots, dim, lane,
-                          sum.out + token * dim);
+    group_row_sum<T, kVec, kTokens>(sum.table, my_id, my_coef, filled_slots, dim, group_lane,
+                                    group_first, has_token ? sum.out + token * dim : nullptr);
   }
 }
 

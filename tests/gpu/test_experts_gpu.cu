@@ -229,8 +229,9 @@ INSTANTIATE_TEST_SUITE_P(
 // Two runs on the same inputs give the same bytes in every output.
 TEST(ExpertsGpu, BitwiseRepeatable) {
   FLASHMOE_REQUIRE_GPU();
-  // S = 64: a block per (token, 16 slots); S = 16: a warp per token, row sums fused.
-  for (const int64_t S : {64, 16})
+  // S = 64: a block per (token, 16 slots); S = 32: a warp per token, S = 16: two tokens
+  // a warp, row sums fused.
+  for (const int64_t S : {64, 32, 16})
     for (IdPattern pattern : {rep, skew, heavy, single, padded}) {
       SCOPED_TRACE(std::string("S ") + std::to_string(S) + " ids" + pattern.name);
       const ExpertInputs in =
@@ -305,50 +306,62 @@ TEST(ExpertsGpu, FusedRowSumsMatchSeparatePasses) {
   }
 }
 
-// A row of 32 slots (the narrow kernel, a warp a token) and the same row with 8 empty
-// slots after them (the wide kernel, a block a token): the same bits in h, y, dgates
-// and dx, since both kernels sum a dot's lanes in the same tree.
+// Rows of at most 32 slots (the narrow kernel: a warp a token, or two tokens a warp at
+// S <= 16) and the same rows with empty slots after them up to 40 (the wide kernel, a
+// block a token): the same bits in h, y, dgates and dx, since every kernel sums a dot's
+// lanes in the same tree. The shapes cover 16-byte and element-wise chunks, rows shorter
+// than a group of lanes and rows of several chunks a lane, and an odd T (a warp's second
+// token missing).
 TEST(ExpertsGpu, NarrowAndWideKernelsAgree) {
   FLASHMOE_REQUIRE_GPU();
-  const int64_t T = 333, D = 256, E = 4096, narrow_S = 32, wide_S = 40;
-  const ExpertInputs narrow =
-      random_inputs(T, D, E, narrow_S, DType::bf16, Activation::gelu, padded, 95);
-  const std::vector<int32_t> narrow_ids = narrow.ids.to_vector<int32_t>();
-  const std::vector<float> narrow_gates = narrow.gates.to_vector<float>();
-  std::vector<int32_t> wide_ids(T * wide_S, -1);
-  std::vector<float> wide_gates(T * wide_S, 0.0f);
-  for (int64_t t = 0; t < T; ++t) {
-    std::copy_n(narrow_ids.begin() + t * narrow_S, narrow_S, wide_ids.begin() + t * wide_S);
-    std::copy_n(narrow_gates.begin() + t * narrow_S, narrow_S, wide_gates.begin() + t * wide_S);
-  }
-  ExpertInputs wide = narrow;
-  wide.ids = Tensor::from_vector(wide_ids, {T, wide_S}, Device::cuda);
-  wide.gates = Tensor::from_vector(wide_gates, {T, wide_S}, Device::cuda);
-  const Tensor dy = random_tensor({T, D}, DType::bf16, 96, -1.0f, 1.0f);
-  // [T, S] fp32 -> its first 32 columns, as bytes.
-  const auto first_slots = [&](const Tensor& t) {
-    const std::vector<float> all = t.to_vector<float>();
-    const int64_t S = t.size(1);
-    std::vector<float> first(T * narrow_S);
-    for (int64_t row = 0; row < T; ++row) {
-      std::copy_n(all.begin() + row * S, narrow_S, first.begin() + row * narrow_S);
-    }
-    return first;
+  const int64_t T = 333, E = 4096, wide_S = 40;
+  struct Shape3 {
+    int64_t S, D;
+    DType dtype;
   };
-  std::vector<float> h_of[2], dgates_of[2];
-  std::vector<uint8_t> y_of[2], dx_of[2];
-  for (int run = 0; run < 2; ++run) {
-    const RowsPhaseOutputs out = forward_and_rows_phase(run == 0 ? narrow : wide, dy);
-    h_of[run] = first_slots(out.h);
-    dgates_of[run] = first_slots(out.grads.dgates);
-    y_of[run] = bytes_of(out.y);
-    dx_of[run] = bytes_of(out.grads.dx);
+  for (const Shape3 c :
+       {Shape3{32, 256, DType::bf16}, Shape3{16, 256, DType::bf16}, Shape3{13, 1000, DType::f32},
+        Shape3{7, 100, DType::bf16}, Shape3{16, 24, DType::f32}, Shape3{1, 1024, DType::bf16}}) {
+    SCOPED_TRACE("S " + std::to_string(c.S) + ", D " + std::to_string(c.D));
+    const ExpertInputs narrow =
+        random_inputs(T, c.D, E, c.S, c.dtype, Activation::gelu, padded, 95 + c.S);
+    const std::vector<int32_t> narrow_ids = narrow.ids.to_vector<int32_t>();
+    const std::vector<float> narrow_gates = narrow.gates.to_vector<float>();
+    std::vector<int32_t> wide_ids(T * wide_S, -1);
+    std::vector<float> wide_gates(T * wide_S, 0.0f);
+    for (int64_t t = 0; t < T; ++t) {
+      std::copy_n(narrow_ids.begin() + t * c.S, c.S, wide_ids.begin() + t * wide_S);
+      std::copy_n(narrow_gates.begin() + t * c.S, c.S, wide_gates.begin() + t * wide_S);
+    }
+    ExpertInputs wide = narrow;
+    wide.ids = Tensor::from_vector(wide_ids, {T, wide_S}, Device::cuda);
+    wide.gates = Tensor::from_vector(wide_gates, {T, wide_S}, Device::cuda);
+    const Tensor dy = random_tensor({T, c.D}, c.dtype, 96, -1.0f, 1.0f);
+    // [T, S] fp32 -> its first c.S columns.
+    const auto first_slots = [&](const Tensor& t) {
+      const std::vector<float> all = t.to_vector<float>();
+      const int64_t S = t.size(1);
+      std::vector<float> first(T * c.S);
+      for (int64_t row = 0; row < T; ++row) {
+        std::copy_n(all.begin() + row * S, c.S, first.begin() + row * c.S);
+      }
+      return first;
+    };
+    std::vector<float> h_of[2], dgates_of[2];
+    std::vector<uint8_t> y_of[2], dx_of[2];
+    for (int run = 0; run < 2; ++run) {
+      const RowsPhaseOutputs out = forward_and_rows_phase(run == 0 ? narrow : wide, dy);
+      h_of[run] = first_slots(out.h);
+      dgates_of[run] = first_slots(out.grads.dgates);
+      y_of[run] = bytes_of(out.y);
+      dx_of[run] = bytes_of(out.grads.dx);
+    }
+    EXPECT_EQ(0, std::memcmp(h_of[0].data(), h_of[1].data(), h_of[0].size() * sizeof(float)));
+    EXPECT_EQ(0, std::memcmp(dgates_of[0].data(), dgates_of[1].data(),
+                             dgates_of[0].size() * sizeof(float)));
+    EXPECT_TRUE(y_of[0] == y_of[1]);
+    EXPECT_TRUE(dx_of[0] == dx_of[1]);
   }
-  EXPECT_EQ(0, std::memcmp(h_of[0].data(), h_of[1].data(), h_of[0].size() * sizeof(float)));
-  EXPECT_EQ(0, std::memcmp(dgates_of[0].data(), dgates_of[1].data(),
-                           dgates_of[0].size() * sizeof(float)));
-  EXPECT_TRUE(y_of[0] == y_of[1]);
-  EXPECT_TRUE(dx_of[0] == dx_of[1]);
 }
 
 // The forward and the backward's rows phase over token ranges, as separate calls in any
