@@ -203,8 +203,9 @@ __device__ __forceinline__ void lane_partial_dots(const T* token_row, const T* c
       token_chunk[s] = load_chunk<T, kVec, Cache::l1>(token_row + at);
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        if (filled[r] && active[s])
+        if (filled[r] && active[s]) {
           row_chunk[s][r] = load_chunk<T, kVec, Cache::l2_only>(rows[r] + at);
+        }
       }
     }
 #pragma unroll
@@ -359,6 +360,13 @@ __device__ __forceinline__ void group_row_sum(const T* table, int32_t my_id, flo
   }
 }
 
+// Blocks an SM the narrow kernel is compiled for. Two tokens a warp keep twice the
+// chunks in flight a lane: left alone the compiler takes 93 registers (5 blocks an SM);
+// capped at 6 blocks (80) it spills nothing and the owner-of-4 forward runs 6-8% faster
+// (flashmoe-bench on an H100).
+template <int kTokens>
+constexpr int kNarrowMinBlocks = kTokens == 2 ? 6 : 1;
+
 // Rows of at most kWarp / kTokens slots: kTokens tokens a warp, a group of
 // kWarp / kTokens lanes a token, lane s of a group holding slot s. The filled slots (a
 // ballot) are gathered kDotRowsPerWarp at a time in ascending slot order, so a row whose
@@ -368,12 +376,6 @@ __device__ __forceinline__ void group_row_sum(const T* table, int32_t my_id, flo
 // are those slot_dot_kernel computes, bit for bit. kSumRows: the group then makes the
 // row sum of the same slots (slot_sum_kernel's outputs, bit for bit), which saves that
 // kernel's staging of every token's slots.
-// Two tokens a warp keep twice the chunks in flight a lane: left alone the compiler
-// takes 93 registers (5 blocks an SM); capped at 6 blocks (80) it spills nothing and
-// the owner-of-4 forward runs 6-8% faster (flashmoe-bench on an H100).
-template <int kTokens>
-constexpr int kNarrowMinBlocks = kTokens == 2 ? 6 : 1;
-
 template <class T, int kVec, class Epilogue, bool kSumRows, int kTokens>
 __global__ void __launch_bounds__(kDotWarps* kWarp, kNarrowMinBlocks<kTokens>)
     slot_dot_narrow_kernel(const T* __restrict__ token_rows, const T* __restrict__ table,
