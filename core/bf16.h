@@ -8,6 +8,10 @@
 #include <cstring>
 
 #if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#endif
+
+#if defined(__CUDACC__)
 #define FLASHMOE_HD __host__ __device__ __forceinline__
 #else
 #define FLASHMOE_HD inline
@@ -46,6 +50,20 @@ FLASHMOE_HD bf16 to_bf16(float f) {
   if ((u & 0x7fffffffu) > 0x7f800000u) return bf16{static_cast<uint16_t>((u >> 16) | 0x40u)};
   u += 0x7fffu + ((u >> 16) & 1u);
   return bf16{static_cast<uint16_t>(u >> 16)};
+}
+
+// Two floats as the bf16 pair in one 32-bit word, `lo` in the low half (the lower
+// address), each rounded as to_bf16 rounds it. On the device one cvt.rn.bf16x2.f32
+// rounds both, to nearest even like to_bf16 for every value but NaN; a NaN takes
+// to_bf16's path, so that it keeps the same bits as on the host.
+FLASHMOE_HD uint32_t to_bf16x2(float lo, float hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if (!isnan(lo) && !isnan(hi)) {
+    const __nv_bfloat162 pair = __floats2bfloat162_rn(lo, hi);
+    return uint32_t(__bfloat16_as_ushort(pair.x)) | (uint32_t(__bfloat16_as_ushort(pair.y)) << 16);
+  }
+#endif
+  return uint32_t(to_bf16(lo).bits) | (uint32_t(to_bf16(hi).bits) << 16);
 }
 
 // Rounds a float to the nearest bf16 value and back: what storing it in bf16 keeps.

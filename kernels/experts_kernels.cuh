@@ -69,6 +69,12 @@ __device__ __forceinline__ void load_floats(const T* src, float (&out)[kVec]) {
   for (int i = 0; i < kVec; ++i) out[i] = chunk[i];
 }
 
+// Row `id` of a table of rows of `dim` elements.
+template <class T>
+__device__ __forceinline__ const T* table_row(const T* table, int32_t id, int64_t dim) {
+  return table + int64_t(id) * dim;
+}
+
 // kVec floats stored as T (bf16 rounds to nearest even, like the CPU backend).
 template <class T, int kVec>
 __device__ __forceinline__ void store_floats(T* dst, const float (&v)[kVec]) {
@@ -79,7 +85,7 @@ __device__ __forceinline__ void store_floats(T* dst, const float (&v)[kVec]) {
       if constexpr (std::is_same_v<T, float>) {
         words[i] = __float_as_uint(v[i]);
       } else {
-        words[i] = uint32_t(to_bf16(v[2 * i]).bits) | (uint32_t(to_bf16(v[2 * i + 1]).bits) << 16);
+        words[i] = to_bf16x2(v[2 * i], v[2 * i + 1]);
       }
     }
     *reinterpret_cast<uint4*>(dst) = make_uint4(words[0], words[1], words[2], words[3]);
@@ -266,7 +272,7 @@ __global__ void __launch_bounds__(kDotWarps* kWarp)
     filled[r] = id >= 0;
     any_filled = any_filled || filled[r];
     if (r == my_row) my_filled = filled[r];
-    rows[r] = table + int64_t(filled[r] ? id : 0) * dim;
+    rows[r] = table_row(table, filled[r] ? id : 0, dim);
   }
   // Lane 8r finishes slot r: its epilogue inputs are loaded now, beside the gathers.
   const bool finishes = lane % (kWarp / kDotRowsPerWarp) == 0;
@@ -339,7 +345,7 @@ __device__ __forceinline__ void group_row_sum(const T* table, int32_t my_id, flo
 #pragma unroll
         for (int s = 0; s < kStreams; ++s) {
           if (has[r] && active[s]) {
-            row[r][s] = load_chunk<T, kVec, Cache::l2_only>(table + int64_t(id) * dim + at[s]);
+            row[r][s] = load_chunk<T, kVec, Cache::l2_only>(table_row(table, id, dim) + at[s]);
           }
         }
       }
@@ -405,7 +411,7 @@ __global__ void __launch_bounds__(kDotWarps* kWarp, kNarrowMinBlocks<kTokens>)
 #pragma unroll
     for (int r = 0; r < kDotRowsPerWarp; ++r) {
       const int32_t id = __shfl_sync(0xffffffffu, my_id, group_first + slot[r]);
-      rows[r] = table + int64_t(filled[r] ? id : 0) * dim;
+      rows[r] = table_row(table, filled[r] ? id : 0, dim);
     }
     float partial[kTokens][kDotRowsPerWarp] = {};
     lane_partial_dots<T, kVec>(token_row, rows, filled, int(dim / kVec), group_lane, partial);
