@@ -9,9 +9,6 @@
 
 #if defined(__CUDACC__)
 #include <cuda_bf16.h>
-#endif
-
-#if defined(__CUDACC__)
 #define FLASHMOE_HD __host__ __device__ __forceinline__
 #else
 #define FLASHMOE_HD inline

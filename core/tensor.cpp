@@ -94,27 +94,28 @@ int64_t checked_numel(const Shape& shape) {
 }
 }  // namespace
 
-Tensor Tensor::empty(Shape shape, DType dtype, Device device) {
+Tensor Tensor::over(std::shared_ptr<uint8_t> storage, Shape shape, DType dtype, Device device) {
   Tensor t;
-  int64_t n = checked_numel(shape);
-  t.storage_ = allocate(static_cast<size_t>(n) * dtype_size(dtype), device);
+  t.storage_ = std::move(storage);
   t.shape_ = std::move(shape);
   t.dtype_ = dtype;
   t.device_ = device;
   return t;
 }
 
+Tensor Tensor::empty(Shape shape, DType dtype, Device device) {
+  const int64_t n = checked_numel(shape);
+  return over(allocate(static_cast<size_t>(n) * dtype_size(dtype), device), std::move(shape), dtype,
+              device);
+}
+
 Tensor Tensor::borrow(void* data, Shape shape, DType dtype, Device device) {
   FLASHMOE_CHECK(data != nullptr, "borrowed tensor of shape " << shape_string(shape)
                                                               << " has no memory, expected a "
                                                                  "valid pointer");
-  Tensor t;
   checked_numel(shape);
-  t.storage_ = std::shared_ptr<uint8_t>(static_cast<uint8_t*>(data), [](uint8_t*) {});
-  t.shape_ = std::move(shape);
-  t.dtype_ = dtype;
-  t.device_ = device;
-  return t;
+  return over(std::shared_ptr<uint8_t>(static_cast<uint8_t*>(data), [](uint8_t*) {}),
+              std::move(shape), dtype, device);
 }
 
 Tensor Tensor::zeros(Shape shape, DType dtype, Device device) {

@@ -102,6 +102,9 @@ class Tensor {
   std::vector<T> to_vector() const;
 
  private:
+  // A tensor over the start of `storage`, which holds at least its bytes.
+  static Tensor over(std::shared_ptr<uint8_t> storage, Shape shape, DType dtype, Device device);
+
   std::shared_ptr<uint8_t> storage_;
   size_t offset_bytes_ = 0;
   Shape shape_;
