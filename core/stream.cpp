@@ -28,6 +28,13 @@ cudaStream_t current_stream() { return t_redirect ? t_redirect : process_stream(
 
 void synchronize_stream() { CUDA_CHECK(cudaStreamSynchronize(current_stream())); }
 
+int current_device_attribute(cudaDeviceAttr attribute) {
+  int device = 0, value = 0;
+  CUDA_CHECK(cudaGetDevice(&device));
+  CUDA_CHECK(cudaDeviceGetAttribute(&value, attribute, device));
+  return value;
+}
+
 StreamScope::StreamScope(cudaStream_t stream) : previous_(t_redirect) { t_redirect = stream; }
 
 StreamScope::~StreamScope() { t_redirect = previous_; }

@@ -15,6 +15,9 @@ cudaStream_t current_stream();
 // Waits for everything queued on the current stream.
 void synchronize_stream();
 
+// An attribute of the current device (its multiprocessor count, its L2 size, ...).
+int current_device_attribute(cudaDeviceAttr attribute);
+
 // Redirects this thread's ops to `stream` for the scope's lifetime (a side branch
 // that runs concurrently with the main one).
 class StreamScope {

@@ -225,11 +225,8 @@ void launch_slot_dots(const T* token_rows, const T* table, const int32_t* ids, c
 // separate pass gathers from one table, so that a larger table stays in L2 for it).
 bool fuse_row_sums(const Sizes& s, DType dtype) {
   if (s.slots > kWarp) return false;
-  int device = 0, l2_bytes = 0;
-  CUDA_CHECK(cudaGetDevice(&device));
-  CUDA_CHECK(cudaDeviceGetAttribute(&l2_bytes, cudaDevAttrL2CacheSize, device));
   const double tables_bytes = 2.0 * s.experts * s.dim * dtype_size(dtype);
-  return tables_bytes <= 0.5 * l2_bytes;
+  return tables_bytes <= 0.5 * current_device_attribute(cudaDevAttrL2CacheSize);
 }
 
 // Launches slot_sum_kernel: out[t] = sum_s coef[t][s] table[ids[t][s]].
@@ -423,10 +420,8 @@ void experts_backward_tables_cuda(const ExpertInputs& in, const Tensor& dy, Grad
     // column tile) items, at most a few resident blocks per multiprocessor.
     const int64_t max_items = max_split_rows * ((s.dim + kWarp - 1) / kWarp);
     if (max_items > 0) {
-      int device = 0, multiprocessors = 0;
-      CUDA_CHECK(cudaGetDevice(&device));
-      CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device));
-      const int64_t blocks = std::min<int64_t>(max_items, int64_t(multiprocessors) * 8);
+      const int64_t multiprocessors = current_device_attribute(cudaDevAttrMultiProcessorCount);
+      const int64_t blocks = std::min<int64_t>(max_items, multiprocessors * 8);
       sum_partials_kernel<<<static_cast<unsigned>(blocks), dim3(kWarp, kSumSplits), 0, stream>>>(
           segment_offsets, split_row, out_rows, partial_down, partial_up, s.dim,
           grads.d_down.data<float>(), grads.d_up.data<float>());

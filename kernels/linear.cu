@@ -79,9 +79,7 @@ class GemmContext {
     Plan p;
     CUBLAS_CHECK(cublasLtMatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
     if (sm_margin > 0) {
-      int device = 0, sms = 0;
-      CUDA_CHECK(cudaGetDevice(&device));
-      CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+      const int sms = current_device_attribute(cudaDevAttrMultiProcessorCount);
       const int sm_target = std::max(1, sms - sm_margin);
       CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET,
                                                   &sm_target, sizeof sm_target));
