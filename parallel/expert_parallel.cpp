@@ -147,7 +147,7 @@ void ExpertExchange::send_block(SideStream& lane, int peer, int inbox, const Ten
                                 int landed, bool await_credit) {
   lane.fork();
   if (await_credit) peer_->wait(peer, kCredit, lane.stream());
-  peer_->put(peer, inbox, comm_->rank() * src.nbytes(), src, lane.stream());
+  peer_->put(peer, inbox, own_block_offset(src), src, lane.stream());
   peer_->raise(peer, landed, lane.stream());
 }
 
@@ -197,8 +197,12 @@ void ExpertExchange::check_peer(int peer, const char* what) const {
                       << ", expected another rank's block in [0, " << comm_->size() << ")");
 }
 
+size_t ExpertExchange::own_block_offset(const Tensor& block) const {
+  return comm_->rank() * block.nbytes();
+}
+
 Tensor ExpertExchange::peer_block(int peer, int inbox, const Tensor& local) const {
-  return peer_->peer_tensor(peer, inbox, comm_->rank() * local.nbytes(), local);
+  return peer_->peer_tensor(peer, inbox, own_block_offset(local), local);
 }
 
 void ExpertExchange::unpack_block(int peer) {

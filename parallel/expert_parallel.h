@@ -168,6 +168,8 @@ class ExpertExchange {
   // Peer copies: this rank's rows (x or dy) into block `rank` of the owned rows, beside.
   void copy_own_block(const Tensor& mine, Tensor& owned);
   void check_peer(int peer, const char* what) const;
+  // The byte offset of this rank's block in an inbox of blocks shaped as `block`.
+  size_t own_block_offset(const Tensor& block) const;
   // Block `rank` of `peer`'s inbox `inbox`, shaped as `local`.
   Tensor peer_block(int peer, int inbox, const Tensor& local) const;
   void join_lanes();
