@@ -13,17 +13,10 @@ namespace {
 
 // The peer inboxes, in PeerMemory's buffer order.
 enum Inbox : int { kXInbox, kRoutingInbox, kDyInbox, kYInbox, kDxInbox, kDgatesInbox };
-// The flags of a round: the credit, then one per block that lands.
-enum Flag : int {
-  kCredit,
-  kXLanded,
-  kRoutingLanded,
-  kYLanded,
-  kDyLanded,
-  kDgatesLanded,
-  kDxLanded,
-  kFlagKinds
-};
+// The flags, each raised to the number of the round it belongs to: the credit, then one
+// per block that lands. x has none: the routing follows it on the same lane, so the
+// routing's flag says that both have landed. The dx and dgates partials share one.
+enum Flag : int { kCredit, kRoutingLanded, kYLanded, kDyLanded, kGradPartialsLanded, kFlagKinds };
 
 void expect_block(const Tensor& t, int64_t rows, int64_t width, DType dtype, const char* what) {
   expect_shape(t, {rows, width}, what);
@@ -101,6 +94,7 @@ void ExpertExchange::map_peer_inboxes(const Tensor& x) {
   if (peer_) peer_->unmap();
   comm_->barrier();
   peer_.reset();
+  round_ = 0;  // the new flags are zero
   const int64_t R = comm_->size() * tokens_, S = slots_;
   owned_.x = Tensor::empty({R, width_}, dtype_, x.device());
   gathered_routing_ = Tensor::empty({R, 2 * S}, DType::i32, x.device());
@@ -143,12 +137,12 @@ void ExpertExchange::scatter_sum(const Tensor& partials, Tensor& out) {
   comm_->reduce_scatter_sum(partials, out);
 }
 
-void ExpertExchange::send_block(SideStream& lane, int peer, int inbox, const Tensor& src,
-                                int landed, bool await_credit) {
-  lane.fork();
-  if (await_credit) peer_->wait(peer, kCredit, lane.stream());
-  peer_->put(peer, inbox, own_block_offset(src), src, lane.stream());
-  peer_->raise(peer, landed, lane.stream());
+void ExpertExchange::send_blocks(int inbox, const Tensor& src, int landed) {
+  dispatch_lane_->fork();
+  for (int p : send_order_) {
+    peer_->put(p, inbox, own_block_offset(src), src, dispatch_lane_->stream());
+    peer_->raise(p, landed, round_, dispatch_lane_->stream());
+  }
 }
 
 void ExpertExchange::start_dispatch(const Tensor& x) {
@@ -161,9 +155,12 @@ void ExpertExchange::start_dispatch(const Tensor& x) {
   }
   // The last round is done here (its reads of the inboxes and its copies): so say.
   wait();
-  for (int p : peers_) peer_->raise(p, kCredit, current_stream());
+  ++round_;
+  for (int p : peers_) peer_->raise(p, kCredit, round_, current_stream());
+  dispatch_lane_->fork();
   for (int p : send_order_) {
-    send_block(*dispatch_lane_, p, kXInbox, x, kXLanded, /*await_credit=*/true);
+    peer_->wait(p, kCredit, round_, dispatch_lane_->stream());
+    peer_->put(p, kXInbox, own_block_offset(x), x, dispatch_lane_->stream());
   }
   copy_own_block(x, owned_.x);
 }
@@ -177,8 +174,7 @@ ExpertRows ExpertExchange::dispatch(const Tensor& ids, const Tensor& gates) {
   expect_block(ids, tokens_, slots_, DType::i32, "expert ids of the dispatch");
   detail::pack_routing(ids, gates, routing_);
   if (peer_) {
-    for (int p : send_order_)
-      send_block(*dispatch_lane_, p, kRoutingInbox, routing_, kRoutingLanded);
+    send_blocks(kRoutingInbox, routing_, kRoutingLanded);
   } else {
     run_beside(side_.get(), [&] { gather(routing_, gathered_routing_); });
   }
@@ -222,8 +218,7 @@ void ExpertExchange::unpack_gathered() {
 ExpertRows ExpertExchange::receive(int peer) {
   check_peer(peer, "x");
   if (peer_) {
-    peer_->wait(peer, kXLanded, current_stream());
-    peer_->wait(peer, kRoutingLanded, current_stream());
+    peer_->wait(peer, kRoutingLanded, round_, current_stream());
     unpack_block(peer);
   } else {
     unpack_gathered();
@@ -255,7 +250,7 @@ Tensor ExpertExchange::partial_destination(int peer, const Tensor& local) {
 
 void ExpertExchange::send_partial(int peer) {
   check_peer(peer, "partial y");
-  if (peer_) peer_->raise(peer, kYLanded, current_stream());
+  if (peer_) peer_->raise(peer, kYLanded, round_, current_stream());
 }
 
 void ExpertExchange::combine(const Tensor& partial_y, Tensor& y) {
@@ -263,7 +258,7 @@ void ExpertExchange::combine(const Tensor& partial_y, Tensor& y) {
     scatter_sum(partial_y, y);
     return;
   }
-  for (int p : peers_) peer_->wait(p, kYLanded, current_stream());
+  for (int p : peers_) peer_->wait(p, kYLanded, round_, current_stream());
   const int64_t own = own_begin();
   detail::sum_blocks(y_inbox_, partial_y.rows(own, own + tokens_), comm_->rank(), y);
   join_lanes();
@@ -276,14 +271,14 @@ void ExpertExchange::start_dispatch_grad(const Tensor& dy) {
     run_beside(side_.get(), [&] { gather(dy, owned_dy_); });
     return;
   }
-  for (int p : send_order_) send_block(*dispatch_lane_, p, kDyInbox, dy, kDyLanded);
+  send_blocks(kDyInbox, dy, kDyLanded);
   copy_own_block(dy, owned_dy_);
 }
 
 Tensor ExpertExchange::receive_grad(int peer) {
   check_peer(peer, "dy");
   if (peer_) {
-    peer_->wait(peer, kDyLanded, current_stream());
+    peer_->wait(peer, kDyLanded, round_, current_stream());
   } else {
     owned_dy();
   }
@@ -312,8 +307,7 @@ GradPartials ExpertExchange::grad_partial_destinations(int peer, const Tensor& l
 void ExpertExchange::send_grad_partials(int peer) {
   check_peer(peer, "partial dx");
   if (!peer_) return;
-  peer_->raise(peer, kDgatesLanded, current_stream());
-  peer_->raise(peer, kDxLanded, current_stream());
+  peer_->raise(peer, kGradPartialsLanded, round_, current_stream());
 }
 
 void ExpertExchange::combine_grad(const Tensor& partial_dx, const Tensor& owned_dgates, Tensor& dx,
@@ -327,10 +321,10 @@ void ExpertExchange::combine_grad(const Tensor& partial_dx, const Tensor& owned_
   }
   const int64_t own = own_begin(), end = own + tokens_;
   run_beside(side_.get(), [&] {
-    for (int p : peers_) peer_->wait(p, kDxLanded, current_stream());
+    for (int p : peers_) peer_->wait(p, kGradPartialsLanded, round_, current_stream());
     detail::sum_blocks(dx_inbox_, partial_dx.rows(own, end), comm_->rank(), dx);
   });
-  for (int p : peers_) peer_->wait(p, kDgatesLanded, current_stream());
+  for (int p : peers_) peer_->wait(p, kGradPartialsLanded, round_, current_stream());
   detail::sum_blocks(dgates_inbox_, owned_dgates.rows(own, end), comm_->rank(), dgates);
 }
 

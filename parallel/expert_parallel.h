@@ -39,7 +39,8 @@
 //   a rank writes into a peer's inboxes only after that peer's credit for the round:
 //   x waits for it, the routing and dy follow x on the same lane, and a block's
 //   partials are stored only once the block has landed, which the peer sent after
-//   raising its credit.
+//   raising its credit. Every flag is raised to its round's number, so none needs
+//   lowering (parallel/peer_memory.h).
 //
 // Every rank must hold as many tokens; the ranks' counts are compared (one host
 // synchronisation) only when this rank's T changes (every rank changes on the same
@@ -156,11 +157,9 @@ class ExpertExchange {
   void gather(const Tensor& send, Tensor& recv);
   // partials [P T, ...] -> out [T, ...], summed over the owners.
   void scatter_sum(const Tensor& partials, Tensor& out);
-  // Peer copies: on `lane`, after the caller's stream so far (and, with await_credit,
-  // after `peer`'s credit for the round), `src` to block `rank` of `peer`'s inbox
-  // `inbox`, then flag `landed` raised there.
-  void send_block(SideStream& lane, int peer, int inbox, const Tensor& src, int landed,
-                  bool await_credit = false);
+  // Peer copies: on the dispatch lane, after the caller's stream so far, `src` to block
+  // `rank` of every peer's inbox `inbox`, each followed by flag `landed` raised there.
+  void send_blocks(int inbox, const Tensor& src, int landed);
   // Block `peer` of the gathered routing -> its owned ids and gates.
   void unpack_block(int peer);
   // Collectives: waits for the gathered routing and unpacks every other rank's rows.
@@ -183,6 +182,8 @@ class ExpertExchange {
   // rank - 2, ...: each receiver computes rank + 1's block first, so its first block
   // lands after one copy at full rate, not after all of them at a share of it.
   std::vector<int> send_order_;
+  // Peer copies: the round in progress (0 before the first), the value of its flags.
+  uint32_t round_ = 0;
   int64_t tokens_ = -1, width_ = -1;
   DType dtype_ = DType::f32;
   Tensor x_;  // this rank's tokens, from start_dispatch

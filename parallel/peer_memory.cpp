@@ -157,23 +157,21 @@ void PeerMemory::check_flag(int peer, int kind) const {
                          << flag_kinds_);
 }
 
-void PeerMemory::raise(int peer, int kind, cudaStream_t stream) const {
+void PeerMemory::raise(int peer, int kind, uint32_t value, cudaStream_t stream) const {
   check_flag(peer, kind);
   check_driver(stream_memory_ops().write(reinterpret_cast<CUstream>(stream),
-                                         flag_address(mapped_[peer].back(), kind, rank_, size_), 1,
-                                         CU_STREAM_WRITE_VALUE_DEFAULT),
+                                         flag_address(mapped_[peer].back(), kind, rank_, size_),
+                                         value, CU_STREAM_WRITE_VALUE_DEFAULT),
                "raising a peer's flag (cuStreamWriteValue32)");
 }
 
-void PeerMemory::wait(int peer, int kind, cudaStream_t stream) const {
+// GEQ compares cyclically ((int32_t)(flag - value) >= 0), so the values may wrap.
+void PeerMemory::wait(int peer, int kind, uint32_t value, cudaStream_t stream) const {
   check_flag(peer, kind);
-  const CUdeviceptr flag = flag_address(flags_.raw(), kind, peer, size_);
-  const StreamMemoryOps& ops = stream_memory_ops();
-  check_driver(ops.wait(reinterpret_cast<CUstream>(stream), flag, 1, CU_STREAM_WAIT_VALUE_EQ),
+  check_driver(stream_memory_ops().wait(reinterpret_cast<CUstream>(stream),
+                                        flag_address(flags_.raw(), kind, peer, size_), value,
+                                        CU_STREAM_WAIT_VALUE_GEQ),
                "waiting for a peer's flag (cuStreamWaitValue32)");
-  check_driver(
-      ops.write(reinterpret_cast<CUstream>(stream), flag, 0, CU_STREAM_WRITE_VALUE_DEFAULT),
-      "lowering a flag (cuStreamWriteValue32)");
 }
 
 }  // namespace flashmoe
