@@ -2,7 +2,10 @@
 // Nsight Systems is not at hand: loaded with LD_PRELOAD, it records every kernel and
 // memcpy (peer copies too) through CUPTI's activity API and writes one CSV per process,
 // $TRACE_OUT.<rank>.csv (rank from OMPI_COMM_WORLD_RANK), rows
-// start_ns,end_ns,stream,K|M,name. scripts/trace/step.py prints one training step.
+// start_ns,end_ns,stream,K|M,correlation,name. With TRACE_API=1 it also records the host's
+// CUDA runtime and driver calls, rows start_ns,end_ns,thread,A,correlation,name: a kernel
+// or copy has the correlation of the call that queued it, so scripts/trace/step.py can
+// tell a GPU that waited for the host from one that waited for other work.
 // Build: g++ -O2 -shared -fPIC -I$CUDA/include cupti_trace.cpp -o libtrace.so
 //          -L$CUDA/targets/x86_64-linux/lib -lcupti
 // Records reach the file as CUPTI fills its buffers and at exit; a program that exits
@@ -41,20 +44,31 @@ void CUPTIAPI buffer_completed(CUcontext, uint32_t, uint8_t* buffer, size_t, siz
       const auto* k = reinterpret_cast<const CUpti_ActivityKernel10*>(record);
       std::string name = k->name ? k->name : "?";
       for (char& c : name) c = c == ',' ? ';' : c;
-      std::fprintf(g_out, "%llu,%llu,%u,K,%s\n", static_cast<unsigned long long>(k->start),
-                   static_cast<unsigned long long>(k->end), k->streamId, name.c_str());
+      std::fprintf(g_out, "%llu,%llu,%u,K,%u,%s\n", static_cast<unsigned long long>(k->start),
+                   static_cast<unsigned long long>(k->end), k->streamId, k->correlationId,
+                   name.c_str());
     } else if (record->kind == CUPTI_ACTIVITY_KIND_MEMCPY) {
       const auto* m = reinterpret_cast<const CUpti_ActivityMemcpy6*>(record);
-      std::fprintf(g_out, "%llu,%llu,%u,M,memcpy kind %d %llu bytes\n",
+      std::fprintf(g_out, "%llu,%llu,%u,M,%u,memcpy kind %d %llu bytes\n",
                    static_cast<unsigned long long>(m->start),
-                   static_cast<unsigned long long>(m->end), m->streamId, int(m->copyKind),
-                   static_cast<unsigned long long>(m->bytes));
+                   static_cast<unsigned long long>(m->end), m->streamId, m->correlationId,
+                   int(m->copyKind), static_cast<unsigned long long>(m->bytes));
     } else if (record->kind == CUPTI_ACTIVITY_KIND_MEMCPY2) {  // into another GPU's memory
       const auto* m = reinterpret_cast<const CUpti_ActivityMemcpyPtoP4*>(record);
-      std::fprintf(g_out, "%llu,%llu,%u,M,memcpy to device %u %llu bytes\n",
+      std::fprintf(g_out, "%llu,%llu,%u,M,%u,memcpy to device %u %llu bytes\n",
                    static_cast<unsigned long long>(m->start),
-                   static_cast<unsigned long long>(m->end), m->streamId, m->dstDeviceId,
-                   static_cast<unsigned long long>(m->bytes));
+                   static_cast<unsigned long long>(m->end), m->streamId, m->correlationId,
+                   m->dstDeviceId, static_cast<unsigned long long>(m->bytes));
+    } else if (record->kind == CUPTI_ACTIVITY_KIND_RUNTIME ||
+               record->kind == CUPTI_ACTIVITY_KIND_DRIVER) {
+      const auto* a = reinterpret_cast<const CUpti_ActivityAPI*>(record);
+      const char* name = nullptr;
+      cuptiGetCallbackName(record->kind == CUPTI_ACTIVITY_KIND_RUNTIME ? CUPTI_CB_DOMAIN_RUNTIME_API
+                                                                       : CUPTI_CB_DOMAIN_DRIVER_API,
+                           a->cbid, &name);
+      std::fprintf(g_out, "%llu,%llu,%u,A,%u,%s\n", static_cast<unsigned long long>(a->start),
+                   static_cast<unsigned long long>(a->end), a->threadId, a->correlationId,
+                   name ? name : "?");
     }
   }
   std::free(buffer);
@@ -75,6 +89,11 @@ __attribute__((constructor)) void start_trace() {
   check(cuptiActivityEnable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL), "enabling kernel records");
   check(cuptiActivityEnable(CUPTI_ACTIVITY_KIND_MEMCPY), "enabling memcpy records");
   check(cuptiActivityEnable(CUPTI_ACTIVITY_KIND_MEMCPY2), "enabling peer memcpy records");
+  const char* api = std::getenv("TRACE_API");
+  if (api && std::string(api) == "1") {
+    check(cuptiActivityEnable(CUPTI_ACTIVITY_KIND_RUNTIME), "enabling runtime call records");
+    check(cuptiActivityEnable(CUPTI_ACTIVITY_KIND_DRIVER), "enabling driver call records");
+  }
 }
 
 __attribute__((destructor)) void finish_trace() {

@@ -9,7 +9,9 @@ waits), by the kernel that ended it, and the busiest kernels. With --ranks, inst
 the step's events of this trace and of every other rank's given (cupti_trace.cpp's CSVs
 of one job share one clock), times from this rank's step start, each rank's names
 indented by its position after this one: when a rank waits, the copy or kernel of the
-other rank that it waits for.
+other rank that it waits for. A trace taken with TRACE_API=1 also has the host's CUDA
+calls: --idle then also says how much of each idle time the GPU waited for the host,
+that is, until the call that queued the kernel ending the wait had returned.
 Usage: step.py TRACE.csv [STEP [--idle | --ranks OTHER.csv...]]
        (no STEP: the step durations only)"""
 import collections
@@ -31,47 +33,62 @@ def short(name):
     return name[:44]
 
 
-def gaps(events):
-    """events: (start, end, stream, name), sorted by start. The time before each event in
-    which none of the events before it runs, and how often, by the name of the event that
-    ended the gap; and each name's busy time."""
-    idle, waits, busy = collections.Counter(), collections.Counter(), collections.Counter()
+def gaps(events, queued=None):
+    """events: (start, end, stream, name, correlation), sorted by start. The time before
+    each event in which none of the events before it runs, and how often, by the name of
+    the event that ended the gap; the part of that time before the host's call that queued
+    the event returned (queued: correlation -> the call's end; empty without calls); and
+    each name's busy time."""
+    idle, waits, busy, host = (collections.Counter() for _ in range(4))
     running_until = events[0][0]
-    for start, end, _, name in events:
+    for start, end, _, name, correlation in events:
         if start > running_until:
             idle[name] += start - running_until
             waits[name] += 1
+            call_end = (queued or {}).get(correlation, running_until)
+            host[name] += max(0, min(start, call_end) - running_until)
         running_until = max(running_until, end)
         busy[name] += end - start
-    return idle, waits, busy
+    return idle, waits, busy, host
 
 
-def print_idle(events):
-    """events: (start, end, stream, name) of one step, sorted by start."""
+def print_idle(events, queued):
+    """events: (start, end, stream, name, correlation) of one step, sorted by start;
+    queued: correlation -> end of the host call that queued it."""
     main_stream = collections.Counter(e[2] for e in events).most_common(1)[0][0]
-    idle, waits, busy = gaps([e for e in events if e[2] == main_stream])
+    idle, waits, busy, host = gaps([e for e in events if e[2] == main_stream], queued)
     step = max(e[1] for e in events) - events[0][0]
     print(f"step {step / 1e3:.0f} us, main stream s{main_stream} busy "
-          f"{sum(busy.values()) / 1e3:.0f} us, idle {sum(idle.values()) / 1e3:.0f} us")
+          f"{sum(busy.values()) / 1e3:.0f} us, idle {sum(idle.values()) / 1e3:.0f} us"
+          + (f", of which waiting for the host {sum(host.values()) / 1e3:.0f} us"
+             if queued else ""))
     for name, ns in idle.most_common(14):
-        print(f"  idle {ns / 1e3:8.1f} us over {waits[name]:3d} waits before {name}")
+        print(f"  idle {ns / 1e3:8.1f} us over {waits[name]:3d} waits before {name}"
+              + (f" (host {host[name] / 1e3:.1f})" if queued else ""))
     # Copies run no kernel: the SMs are idle while only they run.
-    idle, waits, _ = gaps([e for e in events if not e[3].startswith("memcpy")])
-    print(f"  no kernel on any stream: {sum(idle.values()) / 1e3:.0f} us")
+    idle, waits, _, host = gaps([e for e in events if not e[3].startswith("memcpy")], queued)
+    print(f"  no kernel on any stream: {sum(idle.values()) / 1e3:.0f} us"
+          + (f", of which waiting for the host {sum(host.values()) / 1e3:.0f} us"
+             if queued else ""))
     for name, ns in idle.most_common(8):
-        print(f"    {ns / 1e3:8.1f} us over {waits[name]:3d} gaps before {name}")
+        print(f"    {ns / 1e3:8.1f} us over {waits[name]:3d} gaps before {name}"
+              + (f" (host {host[name] / 1e3:.1f})" if queued else ""))
     for name, ns in busy.most_common(12):
         print(f"  busy {ns / 1e3:8.1f} us  {name}")
 
 
 def read(path):
-    """A trace's events (start, end, stream, short name), sorted by start."""
-    events = []
+    """A trace's GPU events (start, end, stream, short name, correlation), sorted by
+    start, and its host calls' ends by correlation (empty without TRACE_API=1)."""
+    events, queued = [], {}
     with open(path) as f:
         for line in f:
-            start, end, stream, _, name = line.rstrip("\n").split(",", 4)
-            events.append((int(start), int(end), int(stream), short(name)))
-    return sorted(events)
+            start, end, stream, kind, correlation, name = line.rstrip("\n").split(",", 5)
+            if kind == "A":
+                queued[int(correlation)] = max(queued.get(int(correlation), 0), int(end))
+            else:
+                events.append((int(start), int(end), int(stream), short(name), int(correlation)))
+    return sorted(events), queued
 
 
 def print_ranks(step, paths):
@@ -79,14 +96,14 @@ def print_ranks(step, paths):
     t0, t1 = step[0][0], max(e[1] for e in step)
     rows = [(e, 0) for e in step]
     for rank, path in enumerate(paths, 1):
-        rows += [(e, rank) for e in read(path) if t0 <= e[0] <= t1]
-    for (start, end, stream, name), rank in sorted(rows):
+        rows += [(e, rank) for e in read(path)[0] if t0 <= e[0] <= t1]
+    for (start, end, stream, name, _), rank in sorted(rows):
         print(f"{(start - t0) / 1e3:9.1f} {(end - start) / 1e3:7.1f}  {rank} s{stream:<3} "
               f"{'  ' * 12 * rank}{name}")
 
 
 def main():
-    events = read(sys.argv[1])
+    events, queued = read(sys.argv[1])
     updates = [i for i, e in enumerate(events) if "adamw_update" in e[3]]
     starts = [a + 1 for a, b in zip(updates, updates[1:] + [len(events)]) if b - a > 50]
     durations = [(events[b][0] - events[a][0]) / 1e3 for a, b in zip(starts, starts[1:])]
@@ -96,14 +113,14 @@ def main():
     k = int(sys.argv[2])
     step = events[starts[k]:starts[k + 1]]
     if "--idle" in sys.argv[3:]:
-        print_idle(step)
+        print_idle(step, queued)
         return
     if "--ranks" in sys.argv[3:]:
         print_ranks(step, sys.argv[sys.argv.index("--ranks") + 1:])
         return
     print("steps", len(durations), "us:", [round(d) for d in durations])
     t0 = step[0][0]
-    for start, end, stream, name in step:
+    for start, end, stream, name, _ in step:
         print(f"{(start - t0) / 1e3:9.1f} {(end - start) / 1e3:7.1f}  s{stream:<3} {name}")
 
 
