@@ -20,6 +20,7 @@
 #include "core/philox.h"
 #include "core/stream.h"
 #include "core/tensor.h"
+#include "kernels/attention.h"
 #include "kernels/experts.h"
 #include "kernels/flashmoe_layer.h"
 #include "kernels/router.h"
@@ -151,6 +152,36 @@ void bench_experts(const ExpertCase& whole, const Options& opt, std::vector<Resu
   results.push_back({c.name, "experts fwd+bwd", both, fwd_bytes + bwd_bytes});
 }
 
+// Causal self-attention with RoPE, bf16 (the smoke model's: 64 sequences of 256 tokens,
+// 4 heads of 64): forward, and forward+backward. Its time is mostly the head layouts
+// and the softmaxes, not the products.
+struct AttentionCase {
+  const char* name;
+  int64_t batch, seq_len, heads, head_dim;
+};
+
+void bench_attention(const AttentionCase& c, const Options& opt, std::vector<Result>& results) {
+  const int64_t T = c.batch * c.seq_len, D = c.heads * c.head_dim;
+  const int sets = rotation_sets(double(T) * 3 * D * 2);
+  std::vector<Tensor> qkv;
+  for (int s = 0; s < sets; ++s)
+    qkv.push_back(random_tensor({T, 3 * D}, DType::bf16, 1000 + s, 1.0f));
+  const Tensor dout = random_tensor({T, D}, DType::bf16, 1100, 1.0f);
+  CausalSelfAttention attention(c.heads, c.head_dim,
+                                make_rope_table(c.seq_len, c.head_dim, 10000.0, Device::cuda));
+  AttentionWorkspace workspace;
+  const double fwd = time_median_ms(
+      [&](int i) { attention.forward(qkv[i % sets], c.batch, workspace); }, opt.reps);
+  const double both = time_median_ms(
+      [&](int i) {
+        attention.forward(qkv[i % sets], c.batch, workspace);
+        attention.backward(dout, workspace);
+      },
+      opt.reps);
+  results.push_back({c.name, "attention fwd", fwd, 0});
+  results.push_back({c.name, "attention fwd+bwd", both, 0});
+}
+
 // The whole layer, bf16: forward, forward+backward, and the peak device memory of a
 // forward+backward (parameters, activations, gradients and workspaces).
 void bench_layer(const LayerCase& c, const Options& opt, std::vector<Result>& results) {
@@ -263,6 +294,8 @@ int run(int argc, char** argv) {
   for (const ExpertCase& c : expert_cases) {
     if (selected(opt, c.name)) bench_experts(c, opt, results);
   }
+  const AttentionCase attention_case{"smoke-attention", 64, 256, 4, 64};
+  if (selected(opt, attention_case.name)) bench_attention(attention_case, opt, results);
   const LayerCase layer_cases[] = {{"quickstart", 4096, 1024, 4096, 16384, 64, 1},
                                    {"peer-1m", 4096, 1024, 4096, 1048576, 16, 8},
                                    {"heavy", 8192, 1024, 1024, 102400, 512, 1}};

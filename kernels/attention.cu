@@ -23,17 +23,39 @@ struct Rotation {
   const float* sin_table = nullptr;
   float sign = 1;
 
-  template <class T>
-  FLASHMOE_HD float apply(const T* vec, int64_t c, int64_t d, int64_t i) const {
-    if (cos_table == nullptr) return load_float(vec, c);
-    const int64_t half = d / 2, pair = c < half ? c : c - half;
-    const float cs = cos_table[i * half + pair], sn = sin_table[i * half + pair];
-    if (c < half) return load_float(vec, c) * cs - sign * load_float(vec, c + half) * sn;
-    return load_float(vec, c) * cs + sign * load_float(vec, pair) * sn;
+  // Elements [c, c + W) of vec rotated, W dividing d / 2 where there is a table (a pack
+  // never straddles the two halves).
+  template <int W, class T>
+  FLASHMOE_HD Lanes<W, float> apply(const T* vec, int64_t c, int64_t d, int64_t i) const {
+    const Lanes<W, T> x = load_lanes<W>(vec, c);
+    Lanes<W, float> out;
+    if (cos_table == nullptr) {
+      for (int k = 0; k < W; ++k) out.v[k] = load_float(x.v, k);
+      return out;
+    }
+    const int64_t half = d / 2;
+    const bool first_half = c < half;
+    const int64_t pair = first_half ? c : c - half;
+    const Lanes<W, T> partner = load_lanes<W>(vec, first_half ? c + half : pair);
+    const Lanes<W, float> cs = load_lanes<W>(cos_table, i * half + pair);
+    const Lanes<W, float> sn = load_lanes<W>(sin_table, i * half + pair);
+    for (int k = 0; k < W; ++k) {
+      const float a = load_float(x.v, k), b = load_float(partner.v, k);
+      out.v[k] = first_half ? a * cs.v[k] - sign * b * sn.v[k] : a * cs.v[k] + sign * b * sn.v[k];
+    }
+    return out;
   }
 };
 
-// Element c of heads[n = b H + h, i] from part `part` of row b L + i (r = n L + i).
+template <int W, class T>
+FLASHMOE_HD void store_rounded(T* p, int64_t i, const Lanes<W, float>& values) {
+  Lanes<W, T> out;
+  for (int k = 0; k < W; ++k) store_float(out.v, k, values.v[k]);
+  store_lanes(p, i, out);
+}
+
+// Elements [e, e + W) of heads, e = (n L + i) d + c with n = b H + h: elements c.. of
+// head h in part `part` of row b L + i.
 template <class T>
 struct RowsToHeads {
   const T* rows;
@@ -41,16 +63,19 @@ struct RowsToHeads {
   HeadShape s;
   int64_t parts, part;
   Rotation rotation;
-  FLASHMOE_HD void operator()(int64_t r, int64_t c) const {
+  template <int W>
+  FLASHMOE_HD void operator()(int64_t e) const {
+    const auto [r, c] = divide(e, s.head_dim);
     const auto [n, i] = divide(r, s.seq_len);
     const auto [b, h] = divide(n, s.heads);
     const T* vec =
         rows + (b * s.seq_len + i) * parts * s.width() + part * s.width() + h * s.head_dim;
-    store_float(heads, r * s.head_dim + c, rotation.apply(vec, c, s.head_dim, i));
+    store_rounded(heads, e, rotation.apply<W>(vec, c, s.head_dim, i));
   }
 };
 
-// Element c of head h in part `part` of row t = b L + i, from heads[b H + h, i] (r = t H + h).
+// Elements [e, e + W) of part `part` of rows, e = (t H + h) d + c over t = b L + i: elements
+// c.. of head h of row t, from heads[b H + h, i].
 template <class T>
 struct HeadsToRows {
   const T* heads;
@@ -58,12 +83,14 @@ struct HeadsToRows {
   HeadShape s;
   int64_t parts, part;
   Rotation rotation;
-  FLASHMOE_HD void operator()(int64_t r, int64_t c) const {
+  template <int W>
+  FLASHMOE_HD void operator()(int64_t e) const {
+    const auto [r, c] = divide(e, s.head_dim);
     const auto [t, h] = divide(r, s.heads);
     const auto [b, i] = divide(t, s.seq_len);
     const T* vec = heads + ((b * s.heads + h) * s.seq_len + i) * s.head_dim;
-    store_float(rows, t * parts * s.width() + part * s.width() + h * s.head_dim + c,
-                rotation.apply(vec, c, s.head_dim, i));
+    store_rounded(rows, t * parts * s.width() + part * s.width() + h * s.head_dim + c,
+                  rotation.apply<W>(vec, c, s.head_dim, i));
   }
 };
 
@@ -72,13 +99,25 @@ Rotation rotation_of(const RopeTable& rope, float sign) {
   return Rotation{rope.cos.data<float>(), rope.sin.data<float>(), sign};
 }
 
+// A layout's packs: runs of W elements of one head's row, within one half where there
+// is a rotation (for_each_pack takes packs only where d, and d / 2 with a rotation, are
+// multiples of them).
+template <class Op>
+void for_each_head_pack(Device device, int64_t elements, const HeadShape& s,
+                        const Rotation& rotation, Op op, const char* name, const void* from,
+                        const void* to) {
+  const int64_t run = rotation.cos_table ? s.head_dim / 2 : s.head_dim;
+  for_each_pack(device, elements, run, op, name,
+                {from, to, rotation.cos_table, rotation.sin_table});
+}
+
 void rows_to_heads(const Tensor& rows, const HeadShape& s, int64_t parts, int64_t part,
                    Rotation rotation, Tensor& heads) {
   ensure(heads, {s.batch * s.heads, s.seq_len, s.head_dim}, rows.dtype(), rows.device());
   with_storage_type(rows.dtype(), [&]<class T>() {
-    for_each_element(rows.device(), heads.numel() / s.head_dim, s.head_dim,
-                     RowsToHeads<T>{rows.data<T>(), heads.data<T>(), s, parts, part, rotation},
-                     "rows_to_heads");
+    for_each_head_pack(rows.device(), heads.numel(), s, rotation,
+                       RowsToHeads<T>{rows.data<T>(), heads.data<T>(), s, parts, part, rotation},
+                       "rows_to_heads", rows.raw(), heads.raw());
   });
 }
 
@@ -86,9 +125,9 @@ void rows_to_heads(const Tensor& rows, const HeadShape& s, int64_t parts, int64_
 void heads_to_rows(const Tensor& heads, const HeadShape& s, int64_t parts, int64_t part,
                    Rotation rotation, Tensor& rows) {
   with_storage_type(heads.dtype(), [&]<class T>() {
-    for_each_element(heads.device(), heads.numel() / s.head_dim, s.head_dim,
-                     HeadsToRows<T>{heads.data<T>(), rows.data<T>(), s, parts, part, rotation},
-                     "heads_to_rows");
+    for_each_head_pack(heads.device(), heads.numel(), s, rotation,
+                       HeadsToRows<T>{heads.data<T>(), rows.data<T>(), s, parts, part, rotation},
+                       "heads_to_rows", heads.raw(), rows.raw());
   });
 }
 
