@@ -1,6 +1,8 @@
+#include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cub/device/device_radix_sort.cuh>
+#include <cub/device/device_scan.cuh>
 #include <vector>
 
 #include "kernels/column_sum.cuh"
@@ -75,25 +77,65 @@ __global__ void row_begin_kernel(const uint32_t* sorted_keys, int64_t T, int64_t
   }
 }
 
-// One block per id. A frequent id has thousands of rows in a batch of text, so the
-// block's warps split its run of rows (warp w sums rows w, w + kSumWarps, ... of the
-// run, in order) and the lanes the columns; the warps' sums are then added in warp
-// order. The order is fixed, so results repeat bit for bit.
+// A frequent id has thousands of rows in a batch of text, a rare one a few, so every id's
+// run of rows is cut into chunks of at most kChunkRows, one block each: the longest run
+// then costs no more time than a short one. Within a chunk the block's warps split the
+// rows (warp w sums rows w, w + kSumWarps, ...) and the lanes the columns, and the warps'
+// sums are added in warp order; a run of one chunk adds that sum to dE, a longer run
+// stores each chunk's sum, and a second kernel adds them in chunk order. The order is
+// fixed, so results repeat bit for bit.
 constexpr int kSumWarps = 8, kColumnsPerLane = 8, kTileColumns = 32 * kColumnsPerLane;
+constexpr int kChunkRows = 32;
+
+// A run's chunks and, where it has more than one, its stored chunk sums, packed as
+// chunks << 32 | stored, so that one exclusive scan gives every run's first chunk (high
+// half) and first stored sum (low half).
+FLASHMOE_HD uint64_t chunk_counts(int32_t rows) {
+  const uint64_t chunks = (uint64_t(rows) + kChunkRows - 1) / kChunkRows;
+  return chunks << 32 | (chunks > 1 ? chunks : 0);
+}
+FLASHMOE_HD int64_t first_chunk(uint64_t start) { return int64_t(start >> 32); }
+FLASHMOE_HD int64_t first_stored(uint64_t start) { return int64_t(start & 0xffffffffu); }
+
+// counts[v] for v < V, and counts[V] = 0 (so that the scan's last entry is the totals).
+__global__ void chunk_counts_kernel(const int32_t* row_begin, int64_t V, uint64_t* counts) {
+  for (int64_t v = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; v <= V;
+       v += int64_t(gridDim.x) * blockDim.x) {
+    counts[v] = v < V ? chunk_counts(row_begin[v + 1] - row_begin[v]) : 0;
+  }
+}
+
+// The id whose run holds chunk b: the last v with first_chunk(starts[v]) <= b (ids with
+// an empty run share their start with the next id, so the last one has rows).
+__device__ int64_t run_of_chunk(const uint64_t* starts, int64_t V, int64_t b) {
+  int64_t lo = 0, hi = V;  // first_chunk(starts[V]) > b
+  while (hi - lo > 1) {
+    const int64_t mid = (lo + hi) / 2;
+    if (first_chunk(starts[mid]) <= b) {
+      lo = mid;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
 
 template <class T>
 __global__ void __launch_bounds__(kSumWarps * 32)
-    segment_sum_kernel(const T* __restrict__ dx, const int32_t* __restrict__ order,
-                       const int32_t* __restrict__ row_begin, int64_t D,
-                       float* __restrict__ dtable) {
+    chunk_sum_kernel(const T* __restrict__ dx, const int32_t* __restrict__ order,
+                     const int32_t* __restrict__ row_begin, const uint64_t* __restrict__ starts,
+                     int64_t V, int64_t D, float* __restrict__ dtable, float* __restrict__ stored) {
   __shared__ float warp_sums[kSumWarps][kTileColumns];
-  const int64_t v = blockIdx.x;
-  const int begin = row_begin[v], end = row_begin[v + 1];
-  if (begin == end) return;
+  const int64_t b = blockIdx.x;
+  if (b >= first_chunk(starts[V])) return;
+  const int64_t v = run_of_chunk(starts, V, b), chunk = b - first_chunk(starts[v]);
+  const bool alone = first_chunk(starts[v + 1]) - first_chunk(starts[v]) == 1;
+  float* out = alone ? dtable + v * D : stored + (first_stored(starts[v]) + chunk) * D;
+  const int begin = row_begin[v] + static_cast<int>(chunk) * kChunkRows;
+  const int end = min(begin + kChunkRows, row_begin[v + 1]);
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   for (int64_t tile = 0; tile < D; tile += kTileColumns) {
     float sum[kColumnsPerLane] = {};
-#pragma unroll 4
     for (int r = begin + warp; r < end; r += kSumWarps) {
       const T* row = dx + int64_t(order[r]) * D + tile;
 #pragma unroll
@@ -107,9 +149,27 @@ __global__ void __launch_bounds__(kSumWarps * 32)
     for (int c = static_cast<int>(threadIdx.x); c < kTileColumns && tile + c < D; c += blockDim.x) {
       float total = 0;
       for (int w = 0; w < kSumWarps; ++w) total += warp_sums[w][c];
-      dtable[v * D + tile + c] += total;
+      if (alone) {
+        out[tile + c] += total;
+      } else {
+        out[tile + c] = total;
+      }
     }
     __syncthreads();
+  }
+}
+
+// dE[v] += the stored sums of v's chunks, in chunk order, for the runs of several chunks.
+__global__ void add_chunk_sums_kernel(const uint64_t* __restrict__ starts, int64_t V, int64_t D,
+                                      const float* __restrict__ stored,
+                                      float* __restrict__ dtable) {
+  const int64_t v = blockIdx.x;
+  const int64_t first = first_stored(starts[v]), count = first_stored(starts[v + 1]) - first;
+  if (count == 0) return;
+  for (int64_t c = threadIdx.x; c < D; c += blockDim.x) {
+    float total = 0;
+    for (int64_t j = 0; j < count; ++j) total += stored[(first + j) * D + c];
+    dtable[v * D + c] += total;
   }
 }
 
@@ -127,11 +187,19 @@ void embedding_backward_cuda(const Tensor& ids, const Tensor& dx, EmbeddingGradW
   uint32_t* sorted_keys = reinterpret_cast<uint32_t*>(ws.sorted_keys.data<int32_t>());
   FLASHMOE_CHECK(T <= INT32_MAX, T << " embedding ids, expected at most 2^31 - 1");
   const int items = static_cast<int>(T);
-  size_t sort_bytes = 0;  // CUB's temporary storage, sized by a call that does no work
+  ensure(ws.chunk_counts, {V + 1}, DType::i64, Device::cuda);
+  ensure(ws.chunk_starts, {V + 1}, DType::i64, Device::cuda);
+  // Runs of more than one chunk hold chunks < 2 rows / kChunkRows each.
+  ensure(ws.chunk_sums, {2 * T / kChunkRows + 1, D}, DType::f32, Device::cuda);
+  uint64_t* counts = reinterpret_cast<uint64_t*>(ws.chunk_counts.data<int64_t>());
+  uint64_t* starts = reinterpret_cast<uint64_t*>(ws.chunk_starts.data<int64_t>());
+  // CUB's temporary storage, sized by calls that do no work, shared by the sort and the scan.
+  size_t sort_bytes = 0, scan_bytes = 0;
   CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
       nullptr, sort_bytes, keys, sorted_keys, ws.order.data<int32_t>(),
       ws.sorted_order.data<int32_t>(), items, 0, key_bits, stream));
-  const int64_t storage_words = static_cast<int64_t>(sort_bytes / 4 + 1);
+  CUDA_CHECK(cub::DeviceScan::ExclusiveSum(nullptr, scan_bytes, counts, starts, V + 1, stream));
+  const int64_t storage_words = static_cast<int64_t>(std::max(sort_bytes, scan_bytes) / 4 + 1);
   if (!ws.sort_storage.defined() || ws.sort_storage.numel() < storage_words) {
     ws.sort_storage = Tensor::empty({storage_words}, DType::i32, Device::cuda);
   }
@@ -145,12 +213,23 @@ void embedding_backward_cuda(const Tensor& ids, const Tensor& dx, EmbeddingGradW
   row_begin_kernel<<<grid_for(T + 1, 256), 256, 0, stream>>>(sorted_keys, T, V,
                                                              ws.row_begin.data<int32_t>());
   CUDA_CHECK_LAUNCH("row_begin_kernel");
+  chunk_counts_kernel<<<grid_for(V + 1, 256), 256, 0, stream>>>(ws.row_begin.data<int32_t>(), V,
+                                                                counts);
+  CUDA_CHECK_LAUNCH("chunk_counts_kernel");
+  CUDA_CHECK(cub::DeviceScan::ExclusiveSum(ws.sort_storage.raw(), scan_bytes, counts, starts, V + 1,
+                                           stream));
+  // At most one partial chunk a run with rows, beside the full ones.
+  const int64_t most_chunks = T / kChunkRows + std::min(T, V);
   with_storage_type(dx.dtype(), [&]<class Storage>() {
-    segment_sum_kernel<<<static_cast<unsigned>(V), kSumWarps * 32, 0, stream>>>(
-        dx.data<Storage>(), ws.sorted_order.data<int32_t>(), ws.row_begin.data<int32_t>(), D,
-        dtable.data<float>());
+    chunk_sum_kernel<<<static_cast<unsigned>(std::max<int64_t>(most_chunks, 1)), kSumWarps * 32, 0,
+                       stream>>>(dx.data<Storage>(), ws.sorted_order.data<int32_t>(),
+                                 ws.row_begin.data<int32_t>(), starts, V, D, dtable.data<float>(),
+                                 ws.chunk_sums.data<float>());
   });
-  CUDA_CHECK_LAUNCH("segment_sum_kernel");
+  CUDA_CHECK_LAUNCH("chunk_sum_kernel");
+  add_chunk_sums_kernel<<<static_cast<unsigned>(V), 256, 0, stream>>>(
+      starts, V, D, ws.chunk_sums.data<float>(), dtable.data<float>());
+  CUDA_CHECK_LAUNCH("add_chunk_sums_kernel");
 }
 
 // ---- CPU backward: a stable counting sort of the positions by id.

@@ -35,6 +35,7 @@ void embedding_forward(const Tensor& ids, const Tensor& table, const Tensor& pos
 // column sums of the positions.
 struct EmbeddingGradWorkspace {
   Tensor keys, sorted_keys, order, sorted_order, row_begin, sort_storage, column_sums;
+  Tensor chunk_counts, chunk_starts, chunk_sums;  // the GPU's chunked sums of long runs
 };
 
 void embedding_backward(const Tensor& ids, const Tensor& dx, EmbeddingGradWorkspace& workspace,

@@ -167,10 +167,12 @@ TEST(ModelGpuOps, EmbeddingMatchesCpu) {
     int64_t V, D, L, B, distinct;
     DType dtype;
   };
-  // Many repeats of each id; then thousands of rows on 3 ids, over two column tiles of
-  // the GPU's sum (the second one partial), in bf16.
+  // Many repeats of each id (runs of one chunk of the GPU's sum); ~28 rows an id, so
+  // runs of one and of two chunks; then thousands of rows on 3 ids, over two column tiles
+  // of the GPU's sum (the second one partial), in bf16.
   for (const Case c :
-       {Case{1000, 96, 50, 7, 40, DType::f32}, Case{64, 300, 100, 50, 3, DType::bf16}}) {
+       {Case{1000, 96, 50, 7, 40, DType::f32}, Case{300, 64, 129, 33, 150, DType::f32},
+        Case{64, 300, 100, 50, 3, DType::bf16}}) {
     SCOPED_TRACE("D " + std::to_string(c.D));
     const int64_t V = c.V, D = c.D, L = c.L, T = c.B * L;
     const Tensor ids = random_ids({T}, c.distinct, 12, Device::cpu);
