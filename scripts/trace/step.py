@@ -33,7 +33,7 @@ def short(name):
     return name[:44]
 
 
-def gaps(events, queued=None):
+def gaps(events, queued):
     """events: (start, end, stream, name, correlation), sorted by start. The time before
     each event in which none of the events before it runs, and how often, by the name of
     the event that ended the gap; the part of that time before the host's call that queued
@@ -45,7 +45,7 @@ def gaps(events, queued=None):
         if start > running_until:
             idle[name] += start - running_until
             waits[name] += 1
-            call_end = (queued or {}).get(correlation, running_until)
+            call_end = queued.get(correlation, running_until)
             host[name] += max(0, min(start, call_end) - running_until)
         running_until = max(running_until, end)
         busy[name] += end - start
@@ -55,24 +55,25 @@ def gaps(events, queued=None):
 def print_idle(events, queued):
     """events: (start, end, stream, name, correlation) of one step, sorted by start;
     queued: correlation -> end of the host call that queued it."""
+    def of_host(ns, text):  # nothing without the host's calls in the trace
+        return text.format(ns / 1e3) if queued else ""
+
     main_stream = collections.Counter(e[2] for e in events).most_common(1)[0][0]
     idle, waits, busy, host = gaps([e for e in events if e[2] == main_stream], queued)
     step = max(e[1] for e in events) - events[0][0]
     print(f"step {step / 1e3:.0f} us, main stream s{main_stream} busy "
           f"{sum(busy.values()) / 1e3:.0f} us, idle {sum(idle.values()) / 1e3:.0f} us"
-          + (f", of which waiting for the host {sum(host.values()) / 1e3:.0f} us"
-             if queued else ""))
+          + of_host(sum(host.values()), ", of which waiting for the host {:.0f} us"))
     for name, ns in idle.most_common(14):
         print(f"  idle {ns / 1e3:8.1f} us over {waits[name]:3d} waits before {name}"
-              + (f" (host {host[name] / 1e3:.1f})" if queued else ""))
+              + of_host(host[name], " (host {:.1f})"))
     # Copies run no kernel: the SMs are idle while only they run.
     idle, waits, _, host = gaps([e for e in events if not e[3].startswith("memcpy")], queued)
     print(f"  no kernel on any stream: {sum(idle.values()) / 1e3:.0f} us"
-          + (f", of which waiting for the host {sum(host.values()) / 1e3:.0f} us"
-             if queued else ""))
+          + of_host(sum(host.values()), ", of which waiting for the host {:.0f} us"))
     for name, ns in idle.most_common(8):
         print(f"    {ns / 1e3:8.1f} us over {waits[name]:3d} gaps before {name}"
-              + (f" (host {host[name] / 1e3:.1f})" if queued else ""))
+              + of_host(host[name], " (host {:.1f})"))
     for name, ns in busy.most_common(12):
         print(f"  busy {ns / 1e3:8.1f} us  {name}")
 
