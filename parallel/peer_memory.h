@@ -6,10 +6,10 @@
 //
 // Flags: each rank holds a table of 32-bit flags, one per (kind, peer). Rank p raises
 // entry (k, p) of rank q's table to a value on a stream, after that stream's earlier
-// copies (the write is fenced behind them), and q's streams wait until the entry has
-// reached that value. The values of a flag only grow (ExpertExchange raises each to its
-// round's number), so no flag is ever lowered: a wait costs one stream operation, and
-// several streams may wait for one raise.
+// work, its copies and its kernels' stores into q's memory (the write is fenced behind
+// them), and q's streams wait until the entry has reached that value. The values of a
+// flag only grow (ExpertExchange raises each to its round's number), so no flag is ever
+// lowered: a wait costs one stream operation, and several streams may wait for one raise.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -44,7 +44,8 @@ class PeerMemory {
   // On `stream`: copies `src` to byte `offset` of `peer`'s buffer `index`.
   void put(int peer, int index, size_t offset, const Tensor& src, cudaStream_t stream) const;
   // On `stream`: sets flag (kind, this rank) at `peer` to `value`, after the stream's
-  // copies. A flag's values must grow, cyclically (by less than 2^31 a raise).
+  // earlier copies and kernels. A flag's values must grow, cyclically (by less than
+  // 2^31 a raise).
   void raise(int peer, int kind, uint32_t value, cudaStream_t stream) const;
   // `stream` waits until `peer` has raised flag (kind, peer) here to `value` or later.
   void wait(int peer, int kind, uint32_t value, cudaStream_t stream) const;
