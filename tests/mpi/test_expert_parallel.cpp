@@ -211,6 +211,56 @@ TEST(Collectives, AllGatherAndReduceScatterOnGpus) {
   expect_gather_and_reduce_scatter(nccl_communicator(), Device::cuda);
 }
 
+// all_reduce_sum in fp32 and fp64 over sizes from one element to 64 KB and past it, a few
+// rounds each, every other round on a second stream on the GPU. MPI sums in rank order,
+// so it must give the rank-order sum's bits; NCCL the same sum to rounding.
+template <class T>
+void expect_all_reduce_sums(Communicator& comm, Device device) {
+  const int P = comm.size(), r = comm.rank();
+  std::unique_ptr<SideStream> side;
+  if (device == Device::cuda) side = std::make_unique<SideStream>();
+  for (int64_t n : {1, 7, 1000, 8192, 16385}) {
+    for (int round = 0; round < 3; ++round) {
+      SCOPED_TRACE(testing::Message()
+                   << dtype_name(dtype_of<T>()) << ", " << n << " elements, round " << round);
+      auto value = [&](int rank, int64_t i) {
+        return T((rank + 1) * 0.37 + double(i % 97) * 1e-3 + round * 0.011);
+      };
+      std::vector<T> mine(n);
+      for (int64_t i = 0; i < n; ++i) mine[i] = value(r, i);
+      Tensor t = Tensor::from_vector(mine, {n}, device);
+      if (side && round % 2 == 1) {
+        run_beside(side.get(), [&] { comm.all_reduce_sum(t); });
+        side->join();
+      } else {
+        comm.all_reduce_sum(t);
+      }
+      const std::vector<T> got = t.to_vector<T>();
+      for (int64_t i = 0; i < n; ++i) {
+        T want = value(0, i);
+        for (int p = 1; p < P; ++p) want += value(p, i);
+        if (device == Device::cpu) {
+          ASSERT_EQ(got[i], want) << "element " << i;
+        } else {
+          ASSERT_NEAR(got[i], want, 1e-6 * std::abs(want)) << "element " << i;
+        }
+      }
+    }
+  }
+}
+
+TEST(Collectives, AllReduceSums) {
+  std::unique_ptr<Communicator> comm = make_mpi_communicator(MPI_COMM_WORLD);
+  expect_all_reduce_sums<float>(*comm, Device::cpu);
+  expect_all_reduce_sums<double>(*comm, Device::cpu);
+}
+
+TEST(Collectives, AllReduceSumsOnGpus) {
+  FLASHMOE_REQUIRE_GPU_PER_RANK();
+  expect_all_reduce_sums<float>(nccl_communicator(), Device::cuda);
+  expect_all_reduce_sums<double>(nccl_communicator(), Device::cuda);
+}
+
 // Every rank routes every slot to expert `target(t, s)` (-1: empty) of a table of 4
 // experts per rank; returns the exchange's load imbalance.
 double imbalance_of(Communicator& comm, Device device,
