@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # On a machine with several GPUs: the expert-parallel tests over NCCL (one rank per
-# GPU), the weak-scaling run (the smoke model with 16384 tokens per GPU on 1, 2, 4
-# GPUs: configs/smoke.yaml, ep2.yaml, ep4.yaml) and flashmoe-bench-ep (the layer and
-# its exchanges against a plain all-to-all). Logs go to $OUT.
+# GPU), weak scaling of training (the smoke model with TOKENS tokens per GPU on 1, 2, 4
+# GPUs: configs/smoke.yaml, ep2.yaml, ep4.yaml; REPS repetitions, their runs
+# interleaved, of STEPS steps with moe.balance_loss BALANCE, summed up by
+# scripts/weak_scaling.py as docs/benchmarks.md reports it) and flashmoe-bench-ep (the
+# layer and its exchanges against a plain all-to-all). Logs go to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/flashmoe-multi}
+tokens=${TOKENS:-16384} reps=${REPS:-3} steps=${STEPS:-400} balance=${BALANCE:-0.1}
 mkdir -p "$out"
+rm -f "$out"/train-*gpu-*.log  # the summary reads every such log here
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 NCCL_NVLS_ENABLE=0
 gpus=$(nvidia-smi -L | wc -l)
 nvidia-smi --query-gpu=name --format=csv,noheader | sort | uniq -c
@@ -19,15 +23,21 @@ for p in 2 4; do
   timeout 240 $mpi -np "$p" ./build-gpu/tests/flashmoe-tests-mpi --gtest_brief=1 >"$out/mpi-np$p.log" 2>&1
   echo "exit $?"; grep -E "PASSED|FAILED|Skipped|error" "$out/mpi-np$p.log" | sort | uniq -c | head -12
 done
-train() {  # ranks config
-  timeout 240 $mpi -np "$1" ./build-gpu/flashmoe-train "configs/$2.yaml" --set train.steps=100 \
+train() {  # ranks config repetition
+  local log="$out/train-$1gpu-$3.log"
+  rm -rf "/tmp/ck-$2"
+  timeout 300 $mpi -np "$1" ./build-gpu/flashmoe-train "configs/$2.yaml" --set train.steps="$steps" \
+    --set train.batch_tokens=$(($1 * tokens)) --set moe.balance_loss="$balance" \
     --set train.eval_every=0 --set checkpoint.every=0 --set checkpoint.dir="/tmp/ck-$2" \
-    --set log.every=20 >"$out/train-$2.log" 2>&1
-  echo "== $2 on $1 GPU(s): exit $?"; grep -E "step (20|60|100)/|error" "$out/train-$2.log"
+    --set log.every=$((steps >= 8 ? steps / 4 : 1)) >"$log" 2>&1
+  echo "== $2 on $1 GPU(s), repetition $3: exit $?"; grep -E "error" "$log"
 }
-train 1 smoke
-[ "$gpus" -ge 2 ] && train 2 ep2
-[ "$gpus" -ge 4 ] && train 4 ep4
+for rep in $(seq "$reps"); do
+  train 1 smoke "$rep"
+  [ "$gpus" -ge 2 ] && train 2 ep2 "$rep"
+  [ "$gpus" -ge 4 ] && train 4 ep4 "$rep"
+done
+python3 scripts/weak_scaling.py "$out"/train-*gpu-*.log | tee "$out/weak-scaling.md"
 for p in 2 4; do
   [ "$p" -le "$gpus" ] || continue
   timeout 240 $mpi -np "$p" ./build-gpu/flashmoe-bench-ep 2>&1 | tee "$out/bench-ep-np$p.md"
