@@ -50,7 +50,8 @@ def main(paths):
                 row += ["–", "–"]
                 continue
             low, high = min(rates), max(rates)
-            row += [f"{low:,}-{high:,}", f"{100 * low / (p * one):.1f}-{100 * high / (p * one):.1f}%"]
+            efficiency = [100 * rate / (p * one) for rate in (low, high)]
+            row += [f"{low:,}-{high:,}", "{:.1f}-{:.1f}%".format(*efficiency)]
         print("| " + " | ".join(row) + " |")
 
 

@@ -211,9 +211,9 @@ TEST(Collectives, AllGatherAndReduceScatterOnGpus) {
   expect_gather_and_reduce_scatter(nccl_communicator(), Device::cuda);
 }
 
-// all_reduce_sum in fp32 and fp64 over sizes from one element to 64 KB and past it, a few
-// rounds each, every other round on a second stream on the GPU. MPI sums in rank order,
-// so it must give the rank-order sum's bits; NCCL the same sum to rounding.
+// all_reduce_sum in fp32 and fp64 over 1 to 16385 elements, a few rounds each, every
+// other round on a second stream on the GPU. MPI sums in rank order, so it must give
+// the rank-order sum's bits; NCCL the same sum to rounding.
 template <class T>
 void expect_all_reduce_sums(Communicator& comm, Device device) {
   const int P = comm.size(), r = comm.rank();
