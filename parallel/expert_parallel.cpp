@@ -12,10 +12,11 @@ namespace flashmoe {
 namespace {
 
 // The peer inboxes, in PeerMemory's buffer order.
-enum Inbox : int { kXInbox, kRoutingInbox, kDyInbox, kYInbox, kDxInbox, kDgatesInbox };
+enum Inbox : int { kXInbox, kIdsInbox, kGatesInbox, kDyInbox, kYInbox, kDxInbox, kDgatesInbox };
 // The flags, each raised to the number of the round it belongs to: the credit, then one
-// per block that lands. x has none: the routing follows it on the same lane, so the
-// routing's flag says that both have landed. The dx and dgates partials share one.
+// per block that lands. x has none: the routing (its ids and gates as the owner sees
+// them) follows it on the same lane, so the routing's flag says that all three have
+// landed. The dx and dgates partials share one.
 enum Flag : int { kCredit, kRoutingLanded, kYLanded, kDyLanded, kGradPartialsLanded, kFlagKinds };
 
 void expect_block(const Tensor& t, int64_t rows, int64_t width, DType dtype, const char* what) {
@@ -97,14 +98,15 @@ void ExpertExchange::map_peer_inboxes(const Tensor& x) {
   round_ = 0;  // the new flags are zero
   const int64_t R = comm_->size() * tokens_, S = slots_;
   owned_.x = Tensor::empty({R, width_}, dtype_, x.device());
-  gathered_routing_ = Tensor::empty({R, 2 * S}, DType::i32, x.device());
+  owned_.ids = Tensor::empty({R, S}, DType::i32, x.device());
+  owned_.gates = Tensor::empty({R, S}, DType::f32, x.device());
   owned_dy_ = Tensor::empty({R, width_}, dtype_, x.device());
   y_inbox_ = Tensor::empty({R, width_}, dtype_, x.device());
   dx_inbox_ = Tensor::empty({R, width_}, dtype_, x.device());
   dgates_inbox_ = Tensor::empty({R, S}, DType::f32, x.device());
   std::string why;
   peer_ = PeerMemory::map(
-      *comm_, {owned_.x, gathered_routing_, owned_dy_, y_inbox_, dx_inbox_, dgates_inbox_},
+      *comm_, {owned_.x, owned_.ids, owned_.gates, owned_dy_, y_inbox_, dx_inbox_, dgates_inbox_},
       kFlagKinds, why);
   if (!peer_) {
     if (kind_ != ExchangeKind::automatic) {
@@ -172,19 +174,32 @@ void ExpertExchange::copy_own_block(const Tensor& mine, Tensor& owned) {
 
 ExpertRows ExpertExchange::dispatch(const Tensor& ids, const Tensor& gates) {
   expect_block(ids, tokens_, slots_, DType::i32, "expert ids of the dispatch");
-  detail::pack_routing(ids, gates, routing_);
-  if (peer_) {
-    send_blocks(kRoutingInbox, routing_, kRoutingLanded);
-  } else {
-    run_beside(side_.get(), [&] { gather(routing_, gathered_routing_); });
-  }
   const int64_t R = comm_->size() * tokens_, S = slots_;
   ensure(owned_.ids, {R, S}, DType::i32, ids.device());
   ensure(owned_.gates, {R, S}, DType::f32, ids.device());
   const int64_t begin = own_begin(), end = begin + tokens_;
   ExpertRows own{x_, owned_.ids.rows(begin, end), owned_.gates.rows(begin, end)};
+  if (peer_) {
+    detail::split_routing(ids, gates, comm_->size(), local_experts_, comm_->rank(), split_ids_,
+                          split_gates_, own.ids, own.gates);
+    send_routing();
+    return own;
+  }
+  detail::pack_routing(ids, gates, routing_);
+  run_beside(side_.get(), [&] { gather(routing_, gathered_routing_); });
   detail::own_routing(ids, gates, first_expert_, local_experts_, own.ids, own.gates);
   return own;
+}
+
+void ExpertExchange::send_routing() {
+  dispatch_lane_->fork();
+  for (int p : send_order_) {
+    const Tensor ids = split_ids_.rows(p * tokens_, (p + 1) * tokens_);
+    const Tensor gates = split_gates_.rows(p * tokens_, (p + 1) * tokens_);
+    peer_->put(p, kIdsInbox, own_block_offset(ids), ids, dispatch_lane_->stream());
+    peer_->put(p, kGatesInbox, own_block_offset(gates), gates, dispatch_lane_->stream());
+    peer_->raise(p, kRoutingLanded, round_, dispatch_lane_->stream());
+  }
 }
 
 void ExpertExchange::check_peer(int peer, const char* what) const {
@@ -219,7 +234,6 @@ ExpertRows ExpertExchange::receive(int peer) {
   check_peer(peer, "x");
   if (peer_) {
     peer_->wait(peer, kRoutingLanded, round_, current_stream());
-    unpack_block(peer);
   } else {
     unpack_gathered();
   }

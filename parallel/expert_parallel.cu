@@ -43,6 +43,32 @@ struct OwnRouting {
   }
 };
 
+// Slot i of this rank's routing as every owner sees it: owner p gets the local id and the
+// gate where it owns the expert, else an empty slot, at ids[p] + i (block `own` at
+// own_ids + i instead).
+struct SplitRouting {
+  const int32_t* global_ids;
+  const float* global_gates;
+  int64_t slots, local_experts;
+  int owners, own;
+  int32_t* ids;
+  float* gates;
+  int32_t* own_ids;
+  float* own_gates;
+  FLASHMOE_HD void operator()(int64_t i) const {
+    const int64_t id = global_ids[i];
+    const float gate = global_gates[i];
+    for (int p = 0; p < owners; ++p) {
+      const int64_t local = id - p * local_experts;  // an empty slot stays below 0
+      const bool owned = local >= 0 && local < local_experts;
+      int32_t* id_out = p == own ? own_ids : ids + p * slots;
+      float* gate_out = p == own ? own_gates : gates + p * slots;
+      id_out[i] = owned ? static_cast<int32_t>(local) : -1;
+      gate_out[i] = owned ? gate : 0.0f;
+    }
+  }
+};
+
 template <class Gate>
 void own_slots(Device device, OwnRouting<Gate> op, int64_t rows, Tensor& ids, Tensor& gates) {
   ensure(ids, {rows, op.S}, DType::i32, device);
@@ -111,6 +137,29 @@ void own_routing(const Tensor& global_ids, const Tensor& global_gates, int64_t f
             OwnRouting<float>{global_ids.data<int32_t>(), global_gates.data<float>(), S, S,
                               first_expert, local_experts},
             global_ids.size(0), ids, gates);
+}
+
+void split_routing(const Tensor& global_ids, const Tensor& global_gates, int owners,
+                   int64_t local_experts, int own, Tensor& ids, Tensor& gates, Tensor& own_ids,
+                   Tensor& own_gates) {
+  expect_dtype(global_ids, DType::i32, "expert ids");
+  FLASHMOE_CHECK(
+      global_ids.rank() == 2 && owners >= 1 && own >= 0 && own < owners && local_experts >= 1,
+      "routing split of ids " << shape_string(global_ids.shape()) << " over " << owners
+                              << " owners of " << local_experts << " experts, own " << own
+                              << ", expected ids [T, S] and 0 <= own < owners");
+  expect_tensor(global_gates, global_ids.shape(), DType::f32, global_ids.device(), "gates");
+  const int64_t T = global_ids.size(0), S = global_ids.size(1);
+  const Device device = global_ids.device();
+  ensure(ids, {owners * T, S}, DType::i32, device);
+  ensure(gates, {owners * T, S}, DType::f32, device);
+  expect_tensor(own_ids, {T, S}, DType::i32, device, "own ids");
+  expect_tensor(own_gates, {T, S}, DType::f32, device, "own gates");
+  for_each_index(device, T * S,
+                 SplitRouting{global_ids.data<int32_t>(), global_gates.data<float>(), T * S,
+                              local_experts, owners, own, ids.data<int32_t>(), gates.data<float>(),
+                              own_ids.data<int32_t>(), own_gates.data<float>()},
+                 "split_routing");
 }
 
 void sum_blocks(const Tensor& inbox, const Tensor& own_block, int own, Tensor& out) {

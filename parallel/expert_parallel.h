@@ -7,14 +7,14 @@
 // miss an owner with probability (3/4)^16 = 1%), so every token goes to every owner:
 // the exchanges move blocks of fixed size, no count depends on the routing, and
 // nothing needs the host. Forward:
-//   dispatch: x [T, D] and the routing (ids and gate bits packed in one int32
-//             [T, 2S]) of every rank to every owner: it gets every rank's rows, ranks and
-//             tokens ascending (R = P T rows; block r holds rank r's tokens). The owner
-//             keeps the slots whose expert it owns, as local ids and gates; the other
-//             slots are empty (id -1, gate 0), so they read no table row and add exact
-//             zeros to y and to every gradient (the empty slots only pass through the
-//             backward's sort, as keys after every expert). An id outside [0, E) is
-//             empty on every owner.
+//   dispatch: x [T, D] and the routing (ids and gates [T, S]) of every rank to every
+//             owner: it gets every rank's rows, ranks and tokens ascending (R = P T
+//             rows; block r holds rank r's tokens). The owner keeps the slots whose
+//             expert it owns, as local ids and gates; the other slots are empty (id
+//             -1, gate 0), so they read no table row and add exact zeros to y and to
+//             every gradient (the empty slots only pass through the backward's sort,
+//             as keys after every expert). An id outside [0, E) is empty on every
+//             owner.
 //   the owner runs experts_forward on the rows it received (its ExpertRows), and
 //   combine:  the partial y [R, D] back, block r to rank r: each rank gets, for its
 //             own tokens, the sum of the P owners' partials.
@@ -24,12 +24,15 @@
 //
 // Two transports move the blocks (moe.exchange):
 // - collectives: the all-gathers and reduce-scatters of the Communicator (NCCL on
-//   GPUs, MPI on the CPU). The sums' order is fixed for a world size
-//   (Communicator::reduce_scatter_sum), so results repeat bit for bit.
+//   GPUs, MPI on the CPU); the routing travels packed (ids and gate bits in one
+//   int32 [T, 2S]) and each owner keeps its slots of it. The sums' order is fixed for
+//   a world size (Communicator::reduce_scatter_sum), so results repeat bit for bit.
 // - peer copies (GPUs of one host, parallel/peer_memory.h): every block goes straight
 //   into its owner's memory, and block by block, so the owner computes a rank's rows as
 //   soon as they have landed. What every owner needs (x, the routing, dy) is put there
-//   by the sender's copy engines, which leaves every SM to the kernels. The partials
+//   by the sender's copy engines, which leaves every SM to the kernels; the sender
+//   splits the routing into each owner's local ids and gates first (one kernel for all
+//   owners), so that an owner computes a block as soon as it lands. The partials
 //   (y; dx and dgates) are stored by the owner's expert kernels themselves into the
 //   inboxes of the rank whose block they are, over NVLink, while they compute: no copy
 //   follows the kernel, so a rank's partials have landed when their kernel ends. The
@@ -160,7 +163,10 @@ class ExpertExchange {
   // Peer copies: on the dispatch lane, after the caller's stream so far, `src` to block
   // `rank` of every peer's inbox `inbox`, each followed by flag `landed` raised there.
   void send_blocks(int inbox, const Tensor& src, int landed);
-  // Block `peer` of the gathered routing -> its owned ids and gates.
+  // Peer copies: every peer's share of the split routing into its owned ids and gates,
+  // on the dispatch lane, each followed by the routing's flag there.
+  void send_routing();
+  // Collectives: block `peer` of the gathered routing -> its owned ids and gates.
   void unpack_block(int peer);
   // Collectives: waits for the gathered routing and unpacks every other rank's rows.
   void unpack_gathered();
@@ -189,9 +195,11 @@ class ExpertExchange {
   Tensor x_;  // this rank's tokens, from start_dispatch
   ExpertRows owned_;
   bool gathered_ = false, grad_gathered_ = false;
-  // Reused buffers. The inboxes (x in owned_.x, routing, dy, y, dx, dgates) are mapped
-  // by every peer under peer copies.
-  Tensor routing_, gathered_routing_, owned_dy_, y_inbox_, dx_inbox_, dgates_inbox_;
+  // Reused buffers. The inboxes (owned_'s x, ids and gates, dy, y, dx, dgates) are
+  // mapped by every peer under peer copies. Collectives gather the routing packed
+  // (routing_); peer copies send each owner its share (split_ids_, split_gates_ [P T, S]).
+  Tensor routing_, gathered_routing_, split_ids_, split_gates_;
+  Tensor owned_dy_, y_inbox_, dx_inbox_, dgates_inbox_;
   Tensor count_workspace_;
   std::unique_ptr<PeerMemory> peer_;
   std::unique_ptr<SideStream> dispatch_lane_;
@@ -210,6 +218,13 @@ void own_routing(const Tensor& gathered, int64_t first_expert, int64_t local_exp
 // The same from unpacked routing: global ids and gates [T, S] -> ids, gates [T, S].
 void own_routing(const Tensor& global_ids, const Tensor& global_gates, int64_t first_expert,
                  int64_t local_experts, Tensor& ids, Tensor& gates);
+// Global ids and gates [T, S] -> what each of `owners` owners of local_experts experts
+// each (owner p: [p E_l, (p + 1) E_l)) gets of them, as own_routing: ids and gates
+// [owners T, S], block p for owner p, except block `own`, which goes to own_ids and
+// own_gates [T, S] instead (block own of ids and gates is left as it was).
+void split_routing(const Tensor& global_ids, const Tensor& global_gates, int owners,
+                   int64_t local_experts, int own, Tensor& ids, Tensor& gates, Tensor& own_ids,
+                   Tensor& own_gates);
 // out [n, ...] = the sum over p < P of block p of inbox [P n, ...], with own_block in
 // place of block `own`, in rank order, accumulated in fp32 (fp32 or bf16 storage).
 void sum_blocks(const Tensor& inbox, const Tensor& own_block, int own, Tensor& out);

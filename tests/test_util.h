@@ -28,6 +28,15 @@ inline std::vector<float> uniforms(int64_t n, uint64_t seed, uint64_t stream, fl
   return v;
 }
 
+// n expert ids in [-1, experts]: empty slots (-1) and ids past the table (experts)
+// among ids in [0, experts).
+inline std::vector<int32_t> ids_with_empties(int64_t n, int64_t experts, uint64_t seed) {
+  std::vector<int32_t> ids(n);
+  for (int64_t i = 0; i < n; ++i)
+    ids[i] = int32_t(philox_u32(seed, 3, uint64_t(i)) % (experts + 2)) - 1;
+  return ids;
+}
+
 // A device output with every byte set to `byte`: unwritten elements stay NaN (0xFF in
 // fp32 and bf16) or an impossible index (0x7F in int32 rows).
 inline Tensor poisoned(const Shape& shape, DType dtype, uint8_t byte = 0xFF) {

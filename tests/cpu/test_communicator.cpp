@@ -43,6 +43,34 @@ TEST(Communicator, SumBlocksAddsInRankOrderAndRoundsOnce) {
       std::string::npos);
 }
 
+// The peer-copy dispatch's split of a rank's routing: owner p's block holds what
+// own_routing keeps for p, and the own block goes to the own buffers.
+TEST(Communicator, SplitRoutingGivesEachOwnerItsSlots) {
+  const int64_t T = 5, S = 3, local_experts = 4;
+  for (int owners : {1, 2, 3}) {
+    for (int own = 0; own < owners; ++own) {
+      SCOPED_TRACE(testing::Message() << "owners=" << owners << " own=" << own);
+      const Tensor ids = Tensor::from_vector(
+          test::ids_with_empties(T * S, owners * local_experts, owners + own), {T, S}, Device::cpu);
+      const Tensor gates =
+          Tensor::from_floats(test::uniforms(T * S, 5, own, 0, 1), {T, S}, DType::f32, Device::cpu);
+      Tensor split_ids, split_gates;
+      Tensor own_ids = Tensor::zeros({T, S}, DType::i32, Device::cpu),
+             own_gates = Tensor::zeros({T, S}, DType::f32, Device::cpu);
+      detail::split_routing(ids, gates, owners, local_experts, own, split_ids, split_gates, own_ids,
+                            own_gates);
+      for (int p = 0; p < owners; ++p) {
+        Tensor want_ids, want_gates;
+        detail::own_routing(ids, gates, p * local_experts, local_experts, want_ids, want_gates);
+        const Tensor& got_ids = p == own ? own_ids : split_ids.rows(p * T, (p + 1) * T);
+        const Tensor& got_gates = p == own ? own_gates : split_gates.rows(p * T, (p + 1) * T);
+        EXPECT_EQ(got_ids.to_vector<int32_t>(), want_ids.to_vector<int32_t>()) << "owner " << p;
+        EXPECT_EQ(got_gates.to_floats(), want_gates.to_floats()) << "owner " << p;
+      }
+    }
+  }
+}
+
 TEST(Communicator, LayoutGivesBytesAndOffsetsPerPeer) {
   Tensor send = Tensor::zeros({5, 3}, DType::f32, Device::cpu);
   Tensor recv = Tensor::zeros({4, 3}, DType::f32, Device::cpu);

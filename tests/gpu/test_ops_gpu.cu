@@ -140,6 +140,64 @@ TEST_P(OpsGpu, SumBlocksMatchesCpuBitwise) {
   }
 }
 
+// The 32-bit words of an int32 or fp32 tensor (NaN bits included).
+std::vector<uint32_t> words(const Tensor& t) {
+  if (t.dtype() == DType::i32) {
+    const std::vector<int32_t> v = t.to_vector<int32_t>();
+    return {v.begin(), v.end()};
+  }
+  std::vector<uint32_t> out;
+  for (float f : t.to_vector<float>()) out.push_back(float_bits(f));
+  return out;
+}
+
+// The peer-copy dispatch's routing split: the CPU's bytes, run after run, and block
+// `own` of the split left as it was (poisoned), since the own buffers take it.
+TEST(ExchangeOpsGpu, SplitRoutingMatchesCpuBitwise) {
+  FLASHMOE_REQUIRE_GPU();
+  const int64_t local_experts = 5;
+  for (const Shape2& s : {Shape2{1, 1}, Shape2{7, 16}, Shape2{333, 13}, Shape2{4097, 16}}) {
+    for (int owners : {1, 2, 3, 4}) {
+      for (int own : {0, owners - 1}) {
+        SCOPED_TRACE(testing::Message()
+                     << "T=" << s.M << " S=" << s.D << " owners=" << owners << " own=" << own);
+        const Tensor ids =
+            Tensor::from_vector(test::ids_with_empties(s.M * s.D, owners * local_experts, owners),
+                                {s.M, s.D}, Device::cpu);
+        const Tensor gates = random_tensor(s.M, s.D, DType::f32, Device::cpu, 8);
+        Tensor split_ids, split_gates,
+            own_ids = Tensor::empty({s.M, s.D}, DType::i32, Device::cpu),
+            own_gates = Tensor::empty({s.M, s.D}, DType::f32, Device::cpu);
+        detail::split_routing(ids, gates, owners, local_experts, own, split_ids, split_gates,
+                              own_ids, own_gates);
+        const Tensor ids_gpu = ids.to(Device::cuda), gates_gpu = gates.to(Device::cuda);
+        for (int run = 0; run < 2; ++run) {
+          Tensor split_ids_gpu = poisoned({owners * s.M, s.D}, DType::i32),
+                 split_gates_gpu = poisoned({owners * s.M, s.D}, DType::f32),
+                 own_ids_gpu = poisoned({s.M, s.D}, DType::i32),
+                 own_gates_gpu = poisoned({s.M, s.D}, DType::f32);
+          detail::split_routing(ids_gpu, gates_gpu, owners, local_experts, own, split_ids_gpu,
+                                split_gates_gpu, own_ids_gpu, own_gates_gpu);
+          ASSERT_EQ(words(own_ids_gpu), words(own_ids));
+          ASSERT_EQ(words(own_gates_gpu), words(own_gates));
+          for (int p = 0; p < owners; ++p) {
+            const int64_t begin = p * s.M, end = begin + s.M;
+            for (const auto& [gpu, cpu] : {std::pair{&split_ids_gpu, &split_ids},
+                                           std::pair{&split_gates_gpu, &split_gates}}) {
+              const std::vector<uint32_t> got = words(gpu->rows(begin, end));
+              if (p == own) {  // untouched: every byte still 0xFF
+                EXPECT_EQ(got, std::vector<uint32_t>(s.M * s.D, 0xFFFFFFFFu)) << "owner " << p;
+              } else {
+                ASSERT_EQ(got, words(cpu->rows(begin, end))) << "owner " << p;
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Dtypes, OpsGpu, testing::Values(DType::f32, DType::bf16),
                          [](const testing::TestParamInfo<DType>& info) {
                            return std::string(dtype_name(info.param));
