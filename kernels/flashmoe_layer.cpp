@@ -144,12 +144,13 @@ void FlashMoELayer::backward_norm(const Tensor& dxn) {
 // The shared branch runs on the side stream from the point of fork_shared_branch(), so
 // that its GEMMs can fill what the routed branch leaves idle. The routed branch is
 // queued first: the GPU starts on it while the host is still queueing the GEMMs. The
-// forward forks at its start on one rank (beside the norm and the router). Under peer
-// copies it forks after the dispatch: its GEMMs then fill the waits for the other
-// ranks' rows and partials (the copies take no SM) instead of slowing the norm and the
-// router, which every rank waits for. Under collectives it forks after the experts: the
-// GEMMs then run beside the combine, whose transfer leaves most SMs idle, rather than
-// beside NCCL's kernels and the expert kernels, which all need SMs.
+// forward forks at its start (beside the norm and the router) on one rank and under
+// peer copies, whose transfers take no SM: the expert blocks after the router then run
+// mostly alone. (Forked after the dispatch, the GEMMs filled the wait for the other
+// ranks' routing but slowed both blocks: 0.3-0.7% fewer tok/s at 2 GPUs.) Under
+// collectives it forks after the experts: the GEMMs then run beside the combine, whose
+// transfer leaves most SMs idle, rather than beside NCCL's kernels and the expert
+// kernels, which all need SMs.
 // Its GEMMs leave kSharedBranchSmMargin multiprocessors to the routed branch: cuBLASLt
 // picks persistent kernels for them, which otherwise hold every SM for their 20-40 µs,
 // and the routed branch's next kernel (a norm's column sums, a rank's routing, the sum
@@ -180,12 +181,10 @@ ExpertInputs FlashMoELayer::expert_inputs(const Tensor& x, const Tensor& ids,
 }
 
 // One rank computes its tokens directly; P ranks compute the rows their experts own,
-// block by block. Under collectives the own tokens' block goes first: it needs nothing
-// from the other ranks, so the routing's all-gather runs beside it, and the combine is
-// one reduce-scatter after every block. Under peer copies the expert kernels store each
-// other rank's partial y straight into that rank's inbox, and the own block goes last:
-// the others get their partials as early as possible, and the combine needs the own
-// one only together with theirs.
+// block by block. The own tokens' block goes first: it needs nothing from the other
+// ranks, so it runs while their routing is on the way. Under peer copies the expert
+// kernels then store each other rank's partial y straight into that rank's inbox;
+// under collectives the combine is one reduce-scatter after every block.
 void FlashMoELayer::routed_forward(const Tensor& ids, const Tensor& gates) {
   if (!exchange_) {
     expert_in_ = expert_inputs(x_, ids, gates);
@@ -196,26 +195,14 @@ void FlashMoELayer::routed_forward(const Tensor& ids, const Tensor& gates) {
   ensure(y_partial_, {R, dim_}, dtype_, device_);
   ensure(h_, {R, ids.size(1)}, DType::f32, device_);
   const ExpertRows own_rows = exchange_->dispatch(ids, gates);
-  const auto own_block = [&] {
-    experts_forward_rows(expert_inputs(own_rows.x, own_rows.ids, own_rows.gates), own, own + T);
-  };
-  const bool peer_copies = exchange_->peer_copies();
-  if (peer_copies) {
-    fork_shared_branch();
-  } else {
-    own_block();
-  }
+  experts_forward_rows(expert_inputs(own_rows.x, own_rows.ids, own_rows.gates), own, own + T);
   for (int peer : exchange_->peers()) {
     const ExpertRows rows = exchange_->receive(peer);
     const int64_t begin = peer * T;
     experts_forward_rows(expert_inputs(rows.x, rows.ids, rows.gates), begin, begin + T, peer);
     exchange_->send_partial(peer);
   }
-  if (peer_copies) {
-    own_block();
-  } else {
-    fork_shared_branch();
-  }
+  if (!exchange_->peer_copies()) fork_shared_branch();
   const ExpertRows& owned = exchange_->owned();
   expert_in_ = expert_inputs(owned.x, owned.ids, owned.gates);
   exchange_->combine(y_partial_, y_routed_);
@@ -298,11 +285,8 @@ const Tensor& FlashMoELayer::forward(const Tensor& x, bool training) {
   finish_backward();
   join_key_count();
   x_ = x;
-  if (exchange_) {
-    exchange_->start_dispatch(x_);  // x travels while the router runs
-  } else {
-    fork_shared_branch();
-  }
+  if (exchange_) exchange_->start_dispatch(x_);  // x travels while the router runs
+  if (!exchange_ || exchange_->peer_copies()) fork_shared_branch();
   forward_norm(training);
   // fp32 logits even with bf16 storage: bf16 would tie many keys, and the tie rule
   // (smaller id first) would then bias the selection toward low expert ids.
