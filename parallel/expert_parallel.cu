@@ -25,6 +25,17 @@ struct PackRouting {
 FLASHMOE_HD float gate_value(float gate) { return gate; }
 FLASHMOE_HD float gate_value(int32_t bits) { return bits_float(static_cast<uint32_t>(bits)); }
 
+// A slot as the owner of experts [first_expert, first_expert + local_experts) keeps
+// it: the local id and the gate where it owns the expert, else an empty slot (-1, 0).
+// An empty slot (id < 0) stays empty, since first_expert >= 0.
+FLASHMOE_HD void own_slot(int64_t id, float gate, int64_t first_expert, int64_t local_experts,
+                          int32_t& local_id, float& local_gate) {
+  const int64_t local = id - first_expert;
+  const bool mine = local >= 0 && local < local_experts;
+  local_id = mine ? static_cast<int32_t>(local) : -1;
+  local_gate = mine ? gate : 0.0f;
+}
+
 // Row t of the routing: S global ids at ids_in + t * stride, their gates at
 // gates_in + t * stride.
 template <class Gate>
@@ -35,11 +46,8 @@ struct OwnRouting {
   int32_t* ids = nullptr;
   float* gates = nullptr;
   FLASHMOE_HD void operator()(int64_t i) const {
-    // An empty slot (id < 0) lands below 0 too, since first_expert >= 0.
-    const int64_t at = i / S * stride + i % S, local = int64_t(ids_in[at]) - first_expert;
-    const bool mine = local >= 0 && local < local_experts;
-    ids[i] = mine ? static_cast<int32_t>(local) : -1;
-    gates[i] = mine ? gate_value(gates_in[at]) : 0.0f;
+    const int64_t at = i / S * stride + i % S;
+    own_slot(ids_in[at], gate_value(gates_in[at]), first_expert, local_experts, ids[i], gates[i]);
   }
 };
 
@@ -56,15 +64,12 @@ struct SplitRouting {
   int32_t* own_ids;
   float* own_gates;
   FLASHMOE_HD void operator()(int64_t i) const {
-    const int64_t id = global_ids[i];
+    const int32_t id = global_ids[i];  // read once: the stores below may alias it
     const float gate = global_gates[i];
     for (int p = 0; p < owners; ++p) {
-      const int64_t local = id - p * local_experts;  // an empty slot stays below 0
-      const bool owned = local >= 0 && local < local_experts;
       int32_t* id_out = p == own ? own_ids : ids + p * slots;
       float* gate_out = p == own ? own_gates : gates + p * slots;
-      id_out[i] = owned ? static_cast<int32_t>(local) : -1;
-      gate_out[i] = owned ? gate : 0.0f;
+      own_slot(id, gate, p * local_experts, local_experts, id_out[i], gate_out[i]);
     }
   }
 };

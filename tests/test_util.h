@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdint>
 #include <functional>
 #include <initializer_list>
 #include <string>
@@ -43,6 +44,13 @@ inline Tensor poisoned(const Shape& shape, DType dtype, uint8_t byte = 0xFF) {
   Tensor t = Tensor::empty(shape, dtype, Device::cuda);
   t.fill_bytes(byte);
   return t;
+}
+
+// A tensor's bytes, wherever it lives: for bitwise comparisons (NaN payloads included).
+inline std::vector<uint8_t> bytes_of(const Tensor& t) {
+  const Tensor host = t.to(Device::cpu);
+  const auto* p = static_cast<const uint8_t*>(host.raw());
+  return std::vector<uint8_t>(p, p + host.nbytes());
 }
 
 // ||a - b|| / ||b|| in fp64; infinite when either holds a NaN or b is zero while a is not.

@@ -22,6 +22,7 @@
 namespace flashmoe {
 namespace {
 
+using test::bytes_of;
 using test::error_of;
 using test::poisoned;
 using test::relative_error;
@@ -126,12 +127,6 @@ ExpertGrads poisoned_grads(const ExpertInputs& in, GradLayout layout) {
   g.slot_a = poisoned(in.ids.shape(), DType::f32);
   if (layout == GradLayout::row_sparse) g.rows = poisoned({rows}, DType::i32, 0x7F);
   return g;
-}
-
-std::vector<uint8_t> bytes_of(const Tensor& t) {
-  const Tensor host = t.to(Device::cpu);
-  const auto* p = static_cast<const uint8_t*>(host.raw());
-  return std::vector<uint8_t>(p, p + host.nbytes());
 }
 
 struct Case {

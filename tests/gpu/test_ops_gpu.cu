@@ -14,6 +14,7 @@
 namespace flashmoe {
 namespace {
 
+using test::bytes_of;
 using test::poisoned;
 using test::relative_error;
 
@@ -140,17 +141,6 @@ TEST_P(OpsGpu, SumBlocksMatchesCpuBitwise) {
   }
 }
 
-// The 32-bit words of an int32 or fp32 tensor (NaN bits included).
-std::vector<uint32_t> words(const Tensor& t) {
-  if (t.dtype() == DType::i32) {
-    const std::vector<int32_t> v = t.to_vector<int32_t>();
-    return {v.begin(), v.end()};
-  }
-  std::vector<uint32_t> out;
-  for (float f : t.to_vector<float>()) out.push_back(float_bits(f));
-  return out;
-}
-
 // The peer-copy dispatch's routing split: the CPU's bytes, run after run, and block
 // `own` of the split left as it was (poisoned), since the own buffers take it.
 TEST(ExchangeOpsGpu, SplitRoutingMatchesCpuBitwise) {
@@ -178,17 +168,17 @@ TEST(ExchangeOpsGpu, SplitRoutingMatchesCpuBitwise) {
                  own_gates_gpu = poisoned({s.M, s.D}, DType::f32);
           detail::split_routing(ids_gpu, gates_gpu, owners, local_experts, own, split_ids_gpu,
                                 split_gates_gpu, own_ids_gpu, own_gates_gpu);
-          ASSERT_EQ(words(own_ids_gpu), words(own_ids));
-          ASSERT_EQ(words(own_gates_gpu), words(own_gates));
+          ASSERT_EQ(bytes_of(own_ids_gpu), bytes_of(own_ids));
+          ASSERT_EQ(bytes_of(own_gates_gpu), bytes_of(own_gates));
           for (int p = 0; p < owners; ++p) {
             const int64_t begin = p * s.M, end = begin + s.M;
             for (const auto& [gpu, cpu] : {std::pair{&split_ids_gpu, &split_ids},
                                            std::pair{&split_gates_gpu, &split_gates}}) {
-              const std::vector<uint32_t> got = words(gpu->rows(begin, end));
+              const std::vector<uint8_t> got = bytes_of(gpu->rows(begin, end));
               if (p == own) {  // untouched: every byte still 0xFF
-                EXPECT_EQ(got, std::vector<uint32_t>(s.M * s.D, 0xFFFFFFFFu)) << "owner " << p;
+                EXPECT_EQ(got, std::vector<uint8_t>(got.size(), 0xFF)) << "owner " << p;
               } else {
-                ASSERT_EQ(got, words(cpu->rows(begin, end))) << "owner " << p;
+                ASSERT_EQ(got, bytes_of(cpu->rows(begin, end))) << "owner " << p;
               }
             }
           }

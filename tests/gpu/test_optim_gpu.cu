@@ -3,7 +3,6 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
-#include <cstring>
 #include <numeric>
 #include <random>
 #include <string>
@@ -17,6 +16,8 @@
 
 namespace flashmoe {
 namespace {
+
+using test::bytes_of;
 
 struct ParamSpec {
   std::string name;
@@ -132,13 +133,6 @@ void load_gradients(const std::vector<ParamSpec>& specs, std::vector<Parameter>&
          Tensor::from_floats(uniform_floats(rng, R * D, 1.0f), {R, D}, DType::f32, Device::cpu),
          device);
   }
-}
-
-std::vector<uint8_t> bytes_of(const Tensor& t) {
-  const Tensor host = t.to(Device::cpu);
-  std::vector<uint8_t> out(host.nbytes());
-  std::memcpy(out.data(), host.raw(), out.size());
-  return out;
 }
 
 // Everything an update writes: parameter values, optimizer state, and the norms.
